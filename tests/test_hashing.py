@@ -215,7 +215,7 @@ def test_prefill_with_lengths_then_decode():
     assert torch.equal(out[1, 0], h(x[1:, :4])[0, 3])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cpu_and_cuda_agree():
     h = make(4, 4)
     x = torch.randint(0, V, (4, 100))

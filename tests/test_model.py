@@ -131,7 +131,7 @@ def test_generate_greedy_matches_argmax_of_forward():
                 nxt = int(m(torch.tensor([seq])).logits[0, -1].argmax())
             assert nxt == tok
             seq.append(tok)
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
         m.generate([[]], 3)
 
 
@@ -142,8 +142,13 @@ def test_sample_next_top_k_top_p():
     assert picks == {1}
     picks = {int(sample_next(logits, 1.0, None, 0.5, g)) for _ in range(50)}
     assert picks == {1}
-    with pytest.raises(ValueError):
-        sample_next(logits, -1.0, None, None)
+    from engram.model import check_sampling
+
+    check_sampling(0, 0.0, 1, 1.0)
+    for bad in ((1, -1.0, None, None), (1, float("inf"), None, None), (1, 1.0, 0, None), (1, 1.0, None, 0.0),
+                (1, 1.0, None, 1.01), (-1, 1.0, None, None), (1.5, 1.0, None, None), (1, 1.0, True, None)):
+        with pytest.raises(ValueError):
+            check_sampling(*bad)
 
 
 def test_tied_embeddings_share_one_initialised_tensor():
@@ -157,19 +162,32 @@ def test_hyper_connections_m1_is_plain_residual_model():
     assert not any(".hc_" in n for n, _ in m.named_parameters())
 
 
-def test_param_accounting_groups_sum_and_definitions():
+def test_param_accounting_by_hand():
+    """Counts of small_cfg worked out by hand (not by the model's own grouping rule)."""
+    c = build_model(small_cfg()).param_counts()
+    D, V = 32, 97
+    attention = 3 * (D * 32 + 2 * D * 16 + 32 * D)  # wq 32x32, wk/wv 32x16 (2 kv heads of 8), wo 32x32
+    dense_ffn = 3 * D * 48  # block 0 stays dense (first_dense=1)
+    routed = 2 * 4 * 3 * 16 * D  # blocks 1-2: 4 experts x (w1, w3, w2) of 16 x 32
+    shared = 2 * 3 * 16 * D
+    router = 2 * 4 * D
+    # distinct primes from 52 (order 2) and 60 (order 3), 2 heads each: layer 1 takes 53, 59 | 61, 67,
+    # layer 2 the next unused ones: 71, 73 | 79, 83; rows are d_mem / 4 heads = 4 wide
+    tables = (53 + 59 + 61 + 67 + 71 + 73 + 79 + 83) * 4
+    engram_dense = 2 * (16 * D + 16 * D + D + D + 4 * D + D)  # W_V, W_K, q/k norms, conv kernel 4, conv norm
+    norms = 3 * 2 * D + D
+    want = dict(embedding=V * D, lm_head=V * D, attention=attention, dense_ffn=dense_ffn, moe_routed=routed,
+                moe_shared=shared, moe_router=router, engram_tables=tables, engram_dense=engram_dense,
+                overencoding_tables=0, hyper_connections=0, norms=norms)
+    assert {k: c[k] for k in want} == want
+    total = sum(want.values())
+    assert c["total"] == total and c["P_tot"] == total - 2 * V * D
+    assert c["moe_routed_active"] == routed // 2  # top-2 of 4
+    assert c["P_act"] == c["P_tot"] - routed // 2 - tables and c["P_sparse"] == routed // 2 + tables
     m = build_model(small_cfg())
-    c = m.param_counts()
-    groups = [k for k in c if k not in ("total", "P_tot", "P_act", "P_sparse", "moe_routed_active")]
-    assert sum(c[k] for k in groups) == c["total"] == sum(p.numel() for p in m.parameters())
-    assert c["P_tot"] == c["total"] - c["embedding"] - c["lm_head"]
-    assert c["P_sparse"] == c["moe_routed"] - c["moe_routed_active"] + c["engram_tables"]
-    # two MoE blocks of 4 experts (3 matrices of 16 x 32), top-2 active
-    assert c["moe_routed"] == 2 * 4 * 3 * 16 * 32 and c["moe_routed_active"] == c["moe_routed"] // 2
-    assert c["engram_tables"] == sum(p.numel() for p in m.table_parameters())
     f = m.flops_per_token(64)
-    assert f["train"] == 3 * f["forward"] > 0
-    assert m.table_bytes() == 4 * c["engram_tables"]
+    assert f["forward"] == 2 * (c["P_act"] - norms + V * D) + 2 * 3 * 64 * 4 * 8 and f["train"] == 3 * f["forward"]
+    assert m.table_bytes() == 4 * tables
 
 
 PAPER = {  # preset: (total params, Engram table params) from the paper
@@ -257,6 +275,14 @@ def test_bad_configs_and_inputs():
         m(torch.tensor([[1, 2]]), hash_ids=torch.zeros(1, 2, 1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="lookup covers"):
         EngramLM(small_cfg(), lookup=torch.arange(10))
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        m(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(TypeError, match="integers, got 1.5"):
+        m.generate([[1, 1.5]], 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        m.generate([[1, 2]], -1)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        m.generate([[1], []], 2)
     assert m(torch.zeros(0, 4, dtype=torch.long)).logits.shape == (0, 4, 97)
 
 
@@ -273,3 +299,35 @@ def test_config_json_round_trip():
     assert any(d.startswith("moe.n_routed") for d in diffs) and any(d.startswith("engram") for d in diffs)
     with pytest.raises(ValueError, match="unknown fields"):
         from_dict(ModelConfig, {**a, "bogus": 1})
+
+
+def test_caller_hash_ids_are_range_checked_per_head():
+    """An id past its head's table but inside the flat table would read a neighbouring head's row."""
+    m = build_model(small_cfg())
+    ids = torch.randint(0, 97, (2, 5))
+    good = m.hash(ids)
+    assert torch.equal(m(ids, hash_ids=good).logits, m(ids).logits)
+    bad = good.clone()
+    bad[1, 3, 1, 0] = 53  # layer 2's head 0 has 71 rows, layer 1's head 0 has 53: check the right one
+    m(ids, hash_ids=bad)
+    bad[1, 3, 0, 0] = 53
+    with pytest.raises(ValueError, match=r"hash id 53 at batch 1, position 3, Engram layer 1, head 0 .* 53 rows"):
+        m(ids, hash_ids=bad)
+    with pytest.raises(ValueError, match="hash id -1"):
+        m(ids, hash_ids=good.clone().fill_(-1))
+    with pytest.raises(TypeError):
+        m(ids, hash_ids=good.float())
+
+
+def test_a_batch_without_targets_has_zero_loss_not_nan():
+    m = build_model(small_cfg())
+    ids = torch.randint(0, 97, (2, 6))
+    out = m(ids, targets=torch.full_like(ids, -100))
+    assert out.ce_loss.item() == 0.0
+    out.loss.backward()
+    grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(float(g.abs().sum()) == 0 for g in grads)
+    t = ids.clone()
+    t[:, :3] = -100
+    ref = torch.nn.functional.cross_entropy(m(ids).logits[:, 3:].reshape(-1, 97), ids[:, 3:].reshape(-1))
+    assert torch.allclose(m(ids, targets=t).ce_loss, ref, atol=1e-6)

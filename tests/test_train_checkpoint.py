@@ -58,6 +58,10 @@ class StandIn(nn.Module):
         if extra_layer:
             self.extra = nn.Linear(d, d)
         self.register_buffer("expert_bias", torch.zeros(3))  # persistent buffer updated outside autograd
+        self.fingerprint: str | None = FINGERPRINT
+
+    def hash_fingerprint(self) -> str | None:  # what EngramLM reports for its hash layout
+        return self.fingerprint
 
     def engram_table_parameters(self) -> list[nn.Parameter]:
         return [self.table.weight]
@@ -114,11 +118,11 @@ def test_resume_is_bit_exact(tmp_path, table_dtype):
     model, opt = _fresh(0, table_dtype=table_dtype)
     trainer = {"tokens_seen": 0, "loader": {"position": 0}}
     losses = _train(model, opt, sched, 0, k, trainer)
-    save_checkpoint(tmp_path, k, model, opt, CONFIG, trainer, fingerprint=FINGERPRINT)
+    save_checkpoint(tmp_path, k, model, opt, CONFIG, trainer)
     reference = _train(model, opt, sched, k, n, trainer)
 
     model2, opt2 = _fresh(123, table_dtype=table_dtype)  # different init and RNG streams
-    loaded = load_checkpoint(tmp_path, model2, opt2, CONFIG, FINGERPRINT)
+    loaded = load_checkpoint(tmp_path, model2, opt2, CONFIG)
     assert loaded.step == k and loaded.trainer_state == {"tokens_seen": 3 * 10 * k, "loader": {"position": k}}
     assert opt2.optimizers["tables"].state[model2.table.weight]["exp_avg"].dtype == torch.float32
     resumed = _train(model2, opt2, sched, loaded.step, n, dict(loaded.trainer_state))
@@ -145,7 +149,7 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
             print(json.dumps(_train(model, opt, sched, 4, 10, trainer)))
         else:
             model, opt = _fresh(99)
-            loaded = load_checkpoint(sys.argv[2], model, opt, CONFIG, None)
+            loaded = load_checkpoint(sys.argv[2], model, opt, CONFIG)
             print(json.dumps(_train(model, opt, sched, loaded.step, 10, dict(loaded.trainer_state))))
     """)
     (tmp_path / "run.py").write_text(script)
@@ -162,48 +166,34 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
 
 
 KILL_SCRIPT = """
-import os, sys
+import sys
 sys.path.insert(0, {tests!r})
 from test_train_checkpoint import _fresh, CONFIG
-from engram.train.checkpoint import save_checkpoint, TEST_DELAY_ENV
+from engram.train.checkpoint import save_checkpoint
 model, opt = _fresh(0)
 save_checkpoint(sys.argv[1], 1, model, opt, CONFIG, {{"tokens_seen": 1}})
 with __import__("torch").no_grad():
     model.proj.weight.add_(1.0)
-os.environ[TEST_DELAY_ENV] = "0.3"
-print("START2", flush=True)
 save_checkpoint(sys.argv[1], 2, model, opt, CONFIG, {{"tokens_seen": 2}})
 print("DONE2", flush=True)
 """
 
 
 def test_sigkill_during_write_leaves_previous_checkpoint_loadable(tmp_path):
+    """A real process killed (by the io fault hook, at a named point) half-way through its second save."""
     root = tmp_path / "ck"
     (tmp_path / "kill.py").write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "PYTHONPATH": str(Path(engram.__file__).parent.parent)}
-    cmd = [sys.executable, str(tmp_path / "kill.py"), str(root)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout.readline().strip() == "START2"
-        deadline = time.time() + 60
-        while time.time() < deadline:  # wait until the second save is half-way through its files
-            temps = list(root.glob(".tmp-step_00000002-*"))
-            if temps and len(list(temps[0].iterdir())) >= 3:
-                break
-            time.sleep(0.02)
-        else:
-            pytest.fail("second checkpoint write never started")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    env = {**os.environ, "PYTHONPATH": str(Path(engram.__file__).parent.parent),
+           eio.FAULTS_ENV: f"checkpoint.file:{ckpt.TABLES_FILE}=kill@2"}  # dies after the 2nd save's tables
+    proc = subprocess.run([sys.executable, str(tmp_path / "kill.py"), str(root)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert "DONE2" not in proc.stdout
     assert proc.returncode == -signal.SIGKILL
     assert latest_checkpoint(root) == root / "step_00000001"
     assert [d.name for d in list_checkpoints(root)] == ["step_00000001"]
     assert list(root.glob(".tmp-*"))  # the half-written one is still there ...
     model, opt = _fresh(5)
-    loaded = load_checkpoint(root, model, opt, CONFIG, None)
+    loaded = load_checkpoint(root, model, opt, CONFIG)
     assert loaded.step == 1 and loaded.trainer_state == {"tokens_seen": 1}
     reference, _ = _fresh(0)
     assert torch.equal(model.proj.weight, reference.proj.weight)  # not the +1.0 of the killed save
@@ -237,7 +227,7 @@ def test_disk_full_keeps_previous_checkpoint_and_raises_clearly(tmp_path, monkey
     assert (root / "latest").read_text().strip() == "step_00000001"
     monkeypatch.undo()
     model2, opt2 = _fresh(7)
-    assert load_checkpoint(root, model2, opt2, CONFIG, None).step == 1
+    assert load_checkpoint(root, model2, opt2, CONFIG).step == 1
 
 
 def test_latest_pointer_missing_target_falls_back_and_keep_last_prunes(tmp_path):
@@ -251,11 +241,11 @@ def test_latest_pointer_missing_target_falls_back_and_keep_last_prunes(tmp_path)
         model.proj.weight.zero_()
     save_checkpoint(tmp_path, 4, model, opt, CONFIG, keep_last=2)  # re-saving a step replaces it
     fresh, _ = _fresh(3)
-    load_checkpoint(tmp_path, fresh, None, CONFIG, None)
+    load_checkpoint(tmp_path, fresh, None, CONFIG)
     assert torch.equal(fresh.proj.weight, torch.zeros_like(fresh.proj.weight))
     assert latest_checkpoint(tmp_path / "nothing-here") is None
     with pytest.raises(FileNotFoundError):
-        load_checkpoint(tmp_path / "nothing-here", fresh, None, CONFIG, None)
+        load_checkpoint(tmp_path / "nothing-here", fresh, None, CONFIG)
 
 
 # ------------------------------------------------------------------------------------ refusals
@@ -263,18 +253,20 @@ def test_latest_pointer_missing_target_falls_back_and_keep_last_prunes(tmp_path)
 
 def test_refuses_other_config_listing_fields_and_other_fingerprint(tmp_path):
     model, opt = _fresh(0)
-    save_checkpoint(tmp_path, 1, model, opt, CONFIG, fingerprint=FINGERPRINT)
+    save_checkpoint(tmp_path, 1, model, opt, CONFIG)
     other = json.loads(json.dumps(CONFIG))
     other["model"]["table_sizes"] = [97, 103]
     other["train"]["lr"] = 3e-3
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(tmp_path, model, opt, other, FINGERPRINT)
+        load_checkpoint(tmp_path, model, opt, other)
     msg = str(info.value)
     assert "model.table_sizes" in msg and "train.lr" in msg and "seed" not in msg
-    with pytest.raises(ValueError, match="fingerprint 'hash-layout-v1:abc123', this run has 'other'"):
-        load_checkpoint(tmp_path, model, opt, CONFIG, "other")
+    model.fingerprint = "other"  # the check is not optional: the model's own layout is always compared
+    with pytest.raises(CheckpointError, match="another hash layout .fingerprint 'hash-layout-v1:abc123', the model's is 'other'"):
+        load_checkpoint(tmp_path, model, opt, CONFIG)
+    model.fingerprint = FINGERPRINT
     tuple_config = {"model": {**CONFIG["model"], "table_sizes": (97, 101), "layers": (1,)}, "train": CONFIG["train"]}
-    load_checkpoint(tmp_path, model, opt, tuple_config, FINGERPRINT)  # tuples and lists compare equal
+    load_checkpoint(tmp_path, model, opt, tuple_config)  # tuples and lists compare equal
 
 
 def test_refuses_missing_unexpected_and_misshaped_keys(tmp_path):
@@ -282,15 +274,15 @@ def test_refuses_missing_unexpected_and_misshaped_keys(tmp_path):
     save_checkpoint(tmp_path, 1, model, opt, CONFIG)
     bigger, _ = _fresh(0, extra_layer=True)
     with pytest.raises(CheckpointError, match=r"missing keys \['extra.bias', 'extra.weight'\]"):
-        load_checkpoint(tmp_path, bigger, None, CONFIG, None)
+        load_checkpoint(tmp_path, bigger, None, CONFIG)
     save_checkpoint(tmp_path / "big", 1, bigger, None, CONFIG)
     with pytest.raises(CheckpointError, match=r"unexpected keys \['extra.bias', 'extra.weight'\]"):
-        load_checkpoint(tmp_path / "big", model, None, CONFIG, None)
+        load_checkpoint(tmp_path / "big", model, None, CONFIG)
     wide, _ = _fresh(0, rows=300)
     with pytest.raises(CheckpointError, match=r"table.weight: saved \(200, 8\) != model \(300, 8\)"):
-        load_checkpoint(tmp_path, wide, None, CONFIG, None)
+        load_checkpoint(tmp_path, wide, None, CONFIG)
     with pytest.raises(CheckpointError, match="no optimizer state"):
-        load_checkpoint(tmp_path / "big", bigger, build_optimizers(bigger, lr=1e-3), CONFIG, None)
+        load_checkpoint(tmp_path / "big", bigger, build_optimizers(bigger, lr=1e-3), CONFIG)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garble_header"])
@@ -308,10 +300,10 @@ def test_corrupt_or_truncated_files_are_named(tmp_path, damage):
         data[:8] = (10**12).to_bytes(8, "little")  # header length far past the end of the file
         victim.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=ckpt.TABLES_FILE):
-        load_checkpoint(tmp_path, model, opt, CONFIG, None)
+        load_checkpoint(tmp_path, model, opt, CONFIG)
     if damage == "garble_header":  # without the checksum pass, safetensors itself rejects it, still named
         with pytest.raises(CheckpointError, match=f"{ckpt.TABLES_FILE} is truncated or corrupt"):
-            load_checkpoint(tmp_path, model, opt, CONFIG, None, verify=False)
+            load_checkpoint(tmp_path, model, opt, CONFIG, verify=False)
 
 
 def test_table_split_tied_weights_buffers_and_extra_files(tmp_path):
@@ -330,7 +322,7 @@ def test_table_split_tied_weights_buffers_and_extra_files(tmp_path):
     assert "table.weight" not in backbone and "expert_bias" in backbone
     assert ("tok.weight" in backbone) != ("lm_head.weight" in backbone)  # tied weight stored once
     fresh, _ = _fresh(4, tie=True)
-    loaded = load_checkpoint(path, fresh, None, CONFIG, None)
+    loaded = load_checkpoint(path, fresh, None, CONFIG)
     assert fresh.lm_head.weight is fresh.tok.weight and torch.equal(fresh.tok.weight, model.tok.weight)
     assert fresh.expert_bias.tolist() == [1.0, 2.0, 3.0]
     assert loaded.files["tokenizer.json"].read_text() == '{"vocab": 32}'
@@ -399,3 +391,30 @@ def test_jsonl_writer_and_loss_curve_png(tmp_path):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert data[12:16] == b"IHDR"
+
+
+def test_disk_full_inside_torch_save_names_checkpoint_and_file(tmp_path):
+    """A real torch.save hitting ENOSPC (injected at the io layer) reports the documented error, not
+    torch's 'unexpected pos'; the previous checkpoint is untouched."""
+    root = tmp_path / "ck"
+    model, opt = _fresh(0)
+    save_checkpoint(root, 1, model, opt, CONFIG)
+    with eio.inject_faults(eio.Fault(f"write:{ckpt.OPTIM_FILE}", after_bytes=500)):
+        with pytest.raises(OSError) as info:
+            save_checkpoint(root, 2, model, opt, CONFIG)
+    assert info.value.errno == errno.ENOSPC
+    msg = str(info.value)
+    assert "step_00000002" in msg and ckpt.OPTIM_FILE in msg and "unexpected pos" not in msg
+    assert [d.name for d in list_checkpoints(root)] == ["step_00000001"] and not list(root.glob(".tmp-*"))
+
+
+def test_manifest_file_names_must_be_plain(tmp_path):
+    model, opt = _fresh(0)
+    path = save_checkpoint(tmp_path, 1, model, opt, CONFIG)
+    manifest = json.loads((path / ckpt.MANIFEST_FILE).read_text())
+    for bad in ("../outside.json", "/etc/passwd"):
+        m = json.loads(json.dumps(manifest))
+        m["extra_files"] = [bad]
+        (path / ckpt.MANIFEST_FILE).write_text(json.dumps(m))
+        with pytest.raises(CheckpointError, match="plain names"):
+            load_checkpoint(tmp_path, model, opt, CONFIG)

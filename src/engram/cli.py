@@ -168,10 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()
     args = build_parser().parse_args(argv)
     from engram.data.fetch import CorpusUnavailable
+    from engram.io import RunLockedError
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, CorpusUnavailable) as e:
+    except (ValueError, OSError, TimeoutError, FloatingPointError, RunLockedError, CorpusUnavailable) as e:
+        # the user's mistake or the machine's state: one clear line, no traceback (bugs still trace)
         print(f"engram {args.command}: error: {e}", file=sys.stderr)
         return 2
 

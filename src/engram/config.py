@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -155,11 +156,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            object.__setattr__(self, "moe", MoEConfig(**self.moe))
+            object.__setattr__(self, "moe", from_dict(MoEConfig, self.moe))
         if isinstance(self.engram, dict):
-            object.__setattr__(self, "engram", EngramConfig(**self.engram))
+            object.__setattr__(self, "engram", from_dict(EngramConfig, self.engram))
         if isinstance(self.overencoding, dict):
-            object.__setattr__(self, "overencoding", OverEncodingConfig(**self.overencoding))
+            object.__setattr__(self, "overencoding", from_dict(OverEncodingConfig, self.overencoding))
         _check(self.vocab_size >= 2, f"ModelConfig.vocab_size must be >= 2, got {self.vocab_size}")
         _check(self.d_model >= 1 and self.n_layers >= 1, "ModelConfig.d_model and n_layers must be >= 1")
         _check(self.n_heads >= 1 and self.n_kv_heads >= 1, "ModelConfig.n_heads and n_kv_heads must be >= 1")
@@ -208,10 +209,17 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
+    loader_timeout: float = 600.0  # seconds to wait for one batch from the loader thread before failing
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"):
             _check(getattr(self, name) >= 1, f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float):
+                _check(math.isfinite(v), f"TrainConfig.{f.name} must be a finite number, got {v}")
+        _check(self.seed >= 0, f"TrainConfig.seed must be >= 0, got {self.seed}")
+        _check(self.loader_timeout > 0, f"TrainConfig.loader_timeout must be positive, got {self.loader_timeout}")
         _check(self.lr > 0 and self.table_lr_mult > 0, "TrainConfig.lr and table_lr_mult must be positive")
         _check(self.weight_decay >= 0 and self.grad_clip >= 0 and self.warmup_steps >= 0,
                "TrainConfig.weight_decay, grad_clip and warmup_steps must be >= 0")
@@ -240,7 +248,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a config dataclass from ``to_dict`` output; unknown keys raise (no silent drift)."""
+    """Rebuild a config dataclass from ``to_dict`` output; unknown keys raise (no silent drift).
+
+    Missing keys take their defaults, so a config saved before a field existed still loads (every new
+    field's default keeps the earlier behaviour)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -132,6 +132,7 @@ class EngramLM(nn.Module):
         self.cfg = cfg
         D = cfg.d_model
         self.hasher: NgramHasher | None = None
+        self._head_sizes_cache: dict[torch.device, torch.Tensor] = {}
         hash_cfg = cfg.engram if cfg.engram is not None else cfg.overencoding
         if hash_cfg is not None:
             use_lookup = lookup is not None and getattr(hash_cfg, "compress", True)
@@ -235,6 +236,10 @@ class EngramLM(nn.Module):
     def hash_layout(self) -> dict | None:
         return self.hasher.layout() if self.hasher is not None else None
 
+    def hash_fingerprint(self) -> str | None:
+        """sha256 of the hash layout: checkpoints and table files record it and are refused under another."""
+        return self.hasher.fingerprint() if self.hasher is not None else None
+
     # --------------------------------------------------------------------------------------- forward
 
     def hash(self, ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -250,14 +255,49 @@ class EngramLM(nn.Module):
     def _head(self, x_BTMD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(reduce_streams(x_BTMD)))
 
-    def _check_ids(self, ids: torch.Tensor) -> None:
+    def _check_ids(self, ids: torch.Tensor, past: int = 0) -> None:
+        """Token ids [B, T]: integers inside the vocabulary, T (after ``past`` cached tokens) within the context."""
         if ids.dim() != 2:
             raise ValueError(f"ids must be [B, T], got shape {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.dtype == torch.bool:
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
+        if past + ids.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {past + ids.shape[1]} tokens exceeds the model's context of {self.cfg.max_seq_len} "
+                "(ModelConfig.max_seq_len)"
+            )
         if ids.numel() and not _in_range(ids, self.cfg.vocab_size):
             bad = ((ids < 0) | (ids >= self.cfg.vocab_size)).nonzero()[0].tolist()
             raise ValueError(f"token id {int(ids[tuple(bad)])} at position {tuple(bad)} outside [0, {self.cfg.vocab_size})")
+
+    def _head_sizes(self, device: torch.device) -> torch.Tensor:
+        """Table size of every (Engram layer, head) [L, H] int64 on ``device`` (derived, cached per device)."""
+        if device not in self._head_sizes_cache:
+            sizes = [self.hasher.head_sizes(layer) for layer in self.hasher.layers]
+            self._head_sizes_cache[device] = torch.tensor(sizes, dtype=torch.int64, device="cpu").to(device)
+        return self._head_sizes_cache[device]
+
+    def _check_hash_ids(self, hash_ids: torch.Tensor, B: int, T: int) -> None:
+        """Caller-supplied hash ids [B, T, L, H]: the right shape and each id inside its own head's table
+        (an id past its head but inside the flat table would silently read a neighbouring head's row).
+        One reduction for all layers; on CUDA a device-side assert, so no host sync."""
+        want = (B, T, self.hasher.num_layers, self.hasher.heads_per_layer)
+        if tuple(hash_ids.shape) != want:
+            raise ValueError(f"hash_ids shape {tuple(hash_ids.shape)} != expected {want}")
+        if hash_ids.is_floating_point() or hash_ids.dtype == torch.bool:
+            raise TypeError(f"hash_ids must be an integer tensor, got {hash_ids.dtype}")
+        if not hash_ids.numel():
+            return
+        sizes_LH = self._head_sizes(hash_ids.device)
+        bad = (hash_ids < 0) | (hash_ids >= sizes_LH)
+        if hash_ids.device.type == "cuda":
+            torch._assert_async(~bad.any(), "engram: a hash id lies outside its head's table")
+        elif bool(bad.any()):
+            b, t, j, h = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"hash id {int(hash_ids[b, t, j, h])} at batch {b}, position {t}, Engram layer "
+                f"{self.hasher.layers[j]}, head {h} lies outside that head's table of {int(sizes_LH[j, h])} rows"
+            )
 
     def forward(
         self,
@@ -272,11 +312,10 @@ class EngramLM(nn.Module):
         absent); targets [B, T] with -100 = ignore."""
         self._check_ids(ids)
         if self.hasher is not None:
-            want = (ids.shape[0], ids.shape[1], self.hasher.num_layers, self.hasher.heads_per_layer)
             if hash_ids is None:
-                hash_ids = self.hasher(ids, segment_ids, check=False)
-            elif tuple(hash_ids.shape) != want:
-                raise ValueError(f"hash_ids shape {tuple(hash_ids.shape)} != expected {want}")
+                hash_ids = self.hasher(ids, segment_ids, check=False)  # correct by construction
+            else:
+                self._check_hash_ids(hash_ids, *ids.shape)
         layer_slot = {layer: j for j, layer in enumerate(self.hasher.layers)} if self.cfg.engram else {}
         x = self._embed(ids, hash_ids)
         gates: dict[int, torch.Tensor] = {}
@@ -288,7 +327,7 @@ class EngramLM(nn.Module):
         logits = self._head(x)
         loss = ce = aux = None
         if targets is not None:
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            ce = masked_cross_entropy(logits, targets)
             aux = sum((m.aux_loss for m in self.moe_layers()), ce.new_zeros(()))
             loss = ce + aux
         return ModelOutput(logits if return_logits else None, loss, ce, aux, gates)
@@ -312,7 +351,7 @@ class EngramLM(nn.Module):
         """Consume a chunk [B, T] (row b's first ``lengths[b]`` tokens are real; default all), updating
         ``state``; returns logits [B, T, V]. Prefill is one chunk; a decode step is a chunk with T = 1
         and lengths = 1 for active rows, 0 for finished ones."""
-        self._check_ids(ids)
+        self._check_ids(ids, past=int(state.lengths.max()) if state.lengths.numel() else 0)
         B, T = ids.shape
         lengths = torch.full((B,), T, dtype=torch.int64, device=ids.device) if lengths is None else lengths.long()
         hash_ids = self.hasher.step(ids, state.hash_state, lengths, check=False) if self.hasher is not None else None
@@ -341,10 +380,17 @@ class EngramLM(nn.Module):
         seed: int | None = None,
     ) -> list[list[int]]:
         """Sample continuations for prompts of different lengths (temperature 0 = greedy)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs at least one non-empty prompt")
-        dev = self.tok_emb.weight.device
+        check_prompts(prompts, self.cfg.vocab_size)
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         B, P = len(prompts), max(len(p) for p in prompts)
+        if P + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(
+                f"the longest prompt ({P} tokens) plus {max_new_tokens} new tokens exceeds the model's context of "
+                f"{self.cfg.max_seq_len} tokens"
+            )
+        if max_new_tokens == 0:
+            return [[] for _ in prompts]
+        dev = self.tok_emb.weight.device
         ids = torch.zeros(B, P, dtype=torch.int64, device=dev)
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = torch.tensor(p, dtype=torch.int64)
@@ -415,6 +461,40 @@ def _in_range(ids: torch.Tensor, n: int) -> bool:
     return int(lo) >= 0 and int(hi) < n
 
 
+def masked_cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss (fp32) over targets != -100; exactly 0 when a batch has none (instead of
+    NaN), so a batch whose targets are all masked contributes nothing. No host sync."""
+    flat = logits_BTV.float().reshape(-1, logits_BTV.shape[-1])
+    total = F.cross_entropy(flat, targets_BT.reshape(-1), ignore_index=-100, reduction="sum")
+    return total / (targets_BT != -100).sum().clamp_min(1)
+
+
+def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+    """Prompts are non-empty lists of integer token ids inside the vocabulary (floats are refused, not truncated)."""
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    for b, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {b} is empty")
+        for t, tok in enumerate(p):
+            if isinstance(tok, bool) or not isinstance(tok, (int, np.integer)):
+                raise TypeError(f"prompt {b} position {t}: token ids must be integers, got {tok!r} ({type(tok).__name__})")
+            if not 0 <= int(tok) < vocab_size:
+                raise ValueError(f"prompt {b} position {t}: token id {tok} outside the vocabulary [0, {vocab_size})")
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings that would silently do something else than asked."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer (or None for no limit), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1] (or None), got {top_p!r}")
+
+
 def _group_of(name: str) -> str:
     if name.startswith("tok_emb."):
         return "embedding"
@@ -448,13 +528,12 @@ def sample_next(
     top_p: float | None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token per row [B] from fp32 logits: greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    """Next token per row [B] from fp32 logits: greedy at temperature 0, else top-k / nucleus sampling
+    (settings as ``check_sampling`` accepts them)."""
     if temperature == 0:
         return logits_BV.argmax(-1)
     logits = logits_BV / temperature
-    if top_k is not None and top_k > 0:
+    if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and 0 < top_p < 1:
@@ -482,4 +561,5 @@ def build_model(cfg: ModelConfig, lookup=None, device: torch.device | str | None
     return model
 
 
-__all__ = ["Block", "DecodeState", "EngramLM", "ModelOutput", "OverEncoding", "build_model", "sample_next"]
+__all__ = ["Block", "DecodeState", "EngramLM", "ModelOutput", "OverEncoding", "build_model", "check_prompts",
+           "check_sampling", "masked_cross_entropy", "sample_next"]

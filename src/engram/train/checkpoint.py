@@ -8,8 +8,9 @@ Layout of ``<root>/step_00001000/``::
     rng.pt               python ``random``, numpy global and torch (CPU + CUDA) RNG states
     trainer.json         {"step": int, "trainer": caller's dict (tokens seen, loader position, metrics)}
     config.json          the run's config dict, checked on load
-    <extra files>        whatever the caller passes (tokenizer.json, compression map, hash fingerprint)
-    manifest.json        format version, fingerprint, table keys, tied-weight aliases, size + sha256 per file
+    <extra files>        whatever the caller passes (tokenizer.json, compression map, hash layout)
+    manifest.json        format version, hash layout fingerprint, table keys, tied-weight aliases, size +
+                         sha256 per file
 
 ``<root>/latest`` is a one-line pointer to the newest directory, replaced atomically.
 
@@ -21,9 +22,11 @@ Guarantees:
     directory that is gone, ``latest_checkpoint`` falls back to the newest complete one.
   * A failed write (disk full, ...) removes the temp directory and raises ``OSError`` with the same errno,
     naming the checkpoint and file; earlier checkpoints are not touched.
-  * Load checks, before touching the model: config (``ValueError`` listing differing fields), hash layout
-    fingerprint, every file's size (truncation) and sha256 (corruption), safetensors readability (error
-    names the file), and missing / unexpected / mis-shaped model keys.
+  * Load checks, before touching the model: config (``ValueError`` listing differing fields), the hash
+    layout (always: the checkpoint's fingerprint against the model's own ``hash_fingerprint()``, naming
+    the differing layout fields), every file's size (truncation) and sha256 (corruption), manifest file
+    names (plain names only), safetensors readability (error names the file), and missing / unexpected /
+    mis-shaped model keys.
   * One writer per root. Saving weights holds a serialised copy of each safetensors file in memory.
 
 Tied weights (one tensor under two state-dict keys) are stored once and re-aliased on load.
@@ -60,7 +63,7 @@ CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 RESERVED = frozenset({MODEL_FILE, TABLES_FILE, OPTIM_FILE, RNG_FILE, TRAINER_FILE, CONFIG_FILE, MANIFEST_FILE})
-TEST_DELAY_ENV = "ENGRAM_CHECKPOINT_TEST_DELAY"  # seconds to sleep after each file (kill tests only)
+HASH_LAYOUT_FILE = "hash_layout.json"  # written by save_checkpoint for models that hash
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -140,6 +143,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def model_fingerprint(model: nn.Module) -> str | None:
+    """The hash layout fingerprint of a model (None for a model without hashed memory)."""
+    getter = getattr(model, "hash_fingerprint", None)
+    return getter() if getter is not None else None
+
+
+def _model_layout(model: nn.Module) -> dict[str, Any] | None:
+    getter = getattr(model, "hash_layout", None)
+    return getter() if getter is not None else None
+
+
 def _table_keys(model: nn.Module, is_table: Callable[[str], bool] | None, keys: list[str]) -> set[str]:
     if is_table is not None:
         return {k for k in keys if is_table(k)}
@@ -212,7 +226,6 @@ def save_checkpoint(
     config: Mapping[str, Any],
     trainer_state: Mapping[str, Any] | None = None,
     *,
-    fingerprint: str | None = None,
     is_table: Callable[[str], bool] | None = None,
     extra_files: Mapping[str, bytes | os.PathLike | Mapping[str, Any]] | None = None,
     keep_last: int | None = 3,
@@ -222,7 +235,7 @@ def save_checkpoint(
     ``optimizer`` is anything with ``state_dict()`` (an ``EngramOptimizer``) or None. ``trainer_state``
     and ``config`` must be JSON-serialisable. ``extra_files`` maps a plain file name to bytes, a path to
     copy, or a dict written as JSON. Tables are the keys ``is_table(key)`` accepts, else the model's
-    ``engram_table_parameters()``.
+    ``engram_table_parameters()``. The model's hash layout (if it has one) is recorded from the model.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -231,13 +244,15 @@ def save_checkpoint(
     root = Path(root)
     extra_files = dict(extra_files or {})
     for name in extra_files:
-        if not _NAME_OK.match(name) or name in RESERVED or name == LATEST_FILE:
+        if not _NAME_OK.match(name) or name in RESERVED or name in (LATEST_FILE, HASH_LAYOUT_FILE):
             raise ValueError(f"bad extra file name {name!r}: plain names only, not one of {sorted(RESERVED)}")
     # serialise the small things first so a bad value fails before anything is written
     config_bytes = _json_bytes(dict(config), "config")
     trainer_bytes = _json_bytes({"step": int(step), "trainer": dict(trainer_state or {})}, "trainer_state")
     backbone, tables, aliases = _split_state(model, is_table)
-    delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+    fingerprint, layout = model_fingerprint(model), _model_layout(model)
+    if layout is not None:
+        extra_files[HASH_LAYOUT_FILE] = layout
 
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root)
@@ -271,8 +286,7 @@ def save_checkpoint(
             current = fname
             eio.write_synced(tmp / fname, data() if callable(data) else data)
             files[fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": eio.sha256_file(tmp / fname)}
-            if delay:
-                time.sleep(delay)
+            eio.fault_point(f"checkpoint.file:{fname}")
         current = MANIFEST_FILE
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -287,6 +301,7 @@ def save_checkpoint(
         eio.write_synced(tmp / MANIFEST_FILE, _json_bytes(manifest, "manifest"))
         eio.fsync_dir(tmp)
         current = "(rename into place)"
+        eio.fault_point("checkpoint.rename")
         old = None
         if final.exists():  # re-saving a step: swap, then delete the old copy
             old = root / f".tmp-old-{name}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -345,6 +360,29 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {e}") from None
 
 
+def _check_manifest_names(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Every file a manifest names is a plain file name inside the checkpoint (no ``..``, no paths)."""
+    names = list(manifest.get("files", {})) + list(manifest.get("extra_files", []))
+    bad = [n for n in names if not isinstance(n, str) or not _NAME_OK.match(n)]
+    if bad:
+        raise CheckpointError(f"{path / MANIFEST_FILE}: file names must be plain names inside the checkpoint, got {bad}")
+
+
+def _check_hash_layout(path: Path, manifest: Mapping[str, Any], model: nn.Module) -> None:
+    """The checkpoint's hash layout must be the model's: rows are meaningless under another layout."""
+    saved, own = manifest.get("fingerprint"), model_fingerprint(model)
+    if saved == own:
+        return
+    detail = ""
+    if (path / HASH_LAYOUT_FILE).is_file() and (layout := _model_layout(model)) is not None:
+        diffs = diff_configs(_read_json(path / HASH_LAYOUT_FILE), _normalise(layout))
+        detail = ": " + "; ".join(f"saved {d}" for d in diffs[:8]) if diffs else ""
+    raise CheckpointError(
+        f"checkpoint {path} was trained under another hash layout (fingerprint {saved!r}, the model's is "
+        f"{own!r}){detail}; its tables would be read at the wrong rows"
+    )
+
+
 def _normalise(d: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(d)))  # tuples -> lists, as in the saved JSON
 
@@ -354,7 +392,6 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: Any | None,
     expected_config: Mapping[str, Any] | None,
-    expected_fingerprint: str | None = None,
     *,
     restore_rng: bool = True,
     verify: bool = True,
@@ -362,8 +399,8 @@ def load_checkpoint(
     """Load a checkpoint directory (or the latest under a root) into ``model`` and ``optimizer``.
 
     Refuses (``CheckpointError``, a ``ValueError``), before changing anything, a checkpoint whose config
-    differs from ``expected_config`` (listing the fields; None skips the check), whose fingerprint differs
-    from ``expected_fingerprint`` (None skips), whose files are truncated or corrupt (naming the file;
+    differs from ``expected_config`` (listing the fields; None skips the check), whose hash layout differs
+    from the model's (always checked), whose files are truncated or corrupt (naming the file;
     ``verify=False`` skips the sha256 pass but not the size check), or whose keys do not match the model.
     ``optimizer=None`` skips optimiser state. ``restore_rng`` restores python/numpy/torch RNG states.
     """
@@ -379,7 +416,8 @@ def load_checkpoint(
             f"{path}: checkpoint format {manifest.get('format_version')} != supported {FORMAT_VERSION}"
         )
 
-    # 1. files: present, full length, unchanged
+    # 1. files: plain names, present, full length, unchanged
+    _check_manifest_names(path, manifest)
     for fname, info in manifest["files"].items():
         fpath = path / fname
         if not fpath.is_file():
@@ -401,10 +439,7 @@ def load_checkpoint(
                 f"checkpoint {path} was saved with a different config (expected != saved): " + "; ".join(diffs)
             )
     fingerprint = manifest.get("fingerprint")
-    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-        raise CheckpointError(
-            f"checkpoint {path} has hash layout fingerprint {fingerprint!r}, this run has {expected_fingerprint!r}"
-        )
+    _check_hash_layout(path, manifest, model)
 
     # 3. weights: exactly the model's keys and shapes
     backbone, meta = _load_safetensors(path / MODEL_FILE)

@@ -45,7 +45,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, cache_
     for label, name in DEMO_RUNS:
         run_dir = out_dir / name
         print(f"== training {label} ({name}) for {tcfg.steps} steps of {tcfg.batch_size}x{tcfg.seq_len} tokens", file=out)
-        res = train(preset(name), tcfg, run_dir, resume=True, cache_dir=cache_dir, progress=progress, label=label)
+        res = train(preset(name), tcfg, run_dir, resume="auto", cache_dir=cache_dir, progress=progress, label=label)
         results[label] = (name, res)
 
     rows, summary = [], {"train": to_dict(tcfg), "runs": {}}
