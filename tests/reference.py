@@ -54,8 +54,11 @@ def ref_multipliers(layer, seed, compressed_vocab, max_ngram):
     return [int(v) * 2 + 1 for v in r]
 
 
-def ref_hash(ids, lookup, layers, max_ngram, heads, table_sizes, seed, pad_id, segments=None):
-    """ids: list of rows (lists of raw ids). Returns {layer: [[[index per head] per position] per row]}."""
+def ref_hash(ids, lookup, layers, max_ngram, heads, table_sizes, seed, pad_id, segments=None, token_mask=None):
+    """ids: list of rows (lists of raw ids). Returns {layer: [[[index per head] per position] per row]}.
+
+    token_mask: rows of bools, True = real token; a position reads token t-k only if none of t-k..t is
+    masked (DeepSeek-V4.1's rule)."""
     lookup = [int(v) for v in lookup]
     vprime = max(lookup) + 1
     pad = lookup[pad_id]
@@ -67,6 +70,7 @@ def ref_hash(ids, lookup, layers, max_ngram, heads, table_sizes, seed, pad_id, s
         for b, row in enumerate(ids):
             comp = [lookup[t] for t in row]
             seg = segments[b] if segments is not None else [0] * len(row)
+            real = token_mask[b] if token_mask is not None else [True] * len(row)
             pos_out = []
             for t in range(len(row)):
                 # token t-k, or pad when before the sequence or in another (earlier) document
@@ -74,6 +78,8 @@ def ref_hash(ids, lookup, layers, max_ngram, heads, table_sizes, seed, pad_id, s
                     if t - k < 0:
                         return pad
                     if any(seg[t - j] != seg[t - j + 1] for j in range(1, k + 1)):
+                        return pad
+                    if not all(real[t - j] for j in range(k + 1)):
                         return pad
                     return comp[t - k]
 
