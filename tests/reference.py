@@ -103,22 +103,33 @@ def ref_rmsnorm(x, weight, eps=1e-6):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight.double()
 
 
-def ref_fusion(h, e, value_w, key_w, q_w, k_w, conv_norm_w=None, conv_w=None, dilation=3, signed_sqrt=True, segments=None):
+def ref_fusion(h, e, value_w, key_w, q_w, k_w, conv_norm_w=None, conv_w=None, dilation=3, signed_sqrt=True, segments=None,
+               *, value_b=None, key_b=None, gate_eps=1e-6, conv_eps=1e-6, use_gate=True, token_mask=None):
     """Per-branch loop of Engram fusion in float64.
 
     h [B, T, M, D], e [B, T, E], value_w [D, E], key_w [M*D, E], q_w/k_w [M, D],
-    conv_norm_w [M, D], conv_w [M*D, K] (tap j reads j*dilation steps back). Returns (Y, gate [B, T, M]).
+    conv_norm_w [M, D], conv_w [M*D, K] (tap j reads j*dilation steps back); optional biases value_b [D],
+    key_b [M*D]; use_gate=False fixes the gate at 1; token_mask [B, T] bool (True = real) zeroes the gate
+    and the output at masked positions. Returns (Y, gate [B, T, M]).
     """
     h, e = h.double(), e.double()
     B, T, M, D = h.shape
     v = e @ value_w.double().T
+    if value_b is not None:
+        v = v + value_b.double()
+    keep = token_mask.double() if token_mask is not None else torch.ones(B, T, dtype=torch.float64)
     gates, vts = [], []
     for m in range(M):
-        k = e @ key_w.double()[m * D : (m + 1) * D].T
-        s = (ref_rmsnorm(h[:, :, m], q_w[m]) * ref_rmsnorm(k, k_w[m])).sum(-1) / math.sqrt(D)
-        if signed_sqrt:
-            s = torch.sign(s) * torch.sqrt(torch.clamp(s.abs(), min=1e-6))
-        g = torch.sigmoid(s)
+        if use_gate:
+            k = e @ key_w.double()[m * D : (m + 1) * D].T
+            if key_b is not None:
+                k = k + key_b.double()[m * D : (m + 1) * D]
+            s = (ref_rmsnorm(h[:, :, m], q_w[m], gate_eps) * ref_rmsnorm(k, k_w[m], gate_eps)).sum(-1) / math.sqrt(D)
+            if signed_sqrt:
+                s = torch.sign(s) * torch.sqrt(torch.clamp(s.abs(), min=1e-6))
+            g = torch.sigmoid(s) * keep
+        else:
+            g = keep.clone()
         gates.append(g)
         vts.append(g.unsqueeze(-1) * v)
     vt = torch.stack(vts, 2)
@@ -126,7 +137,7 @@ def ref_fusion(h, e, value_w, key_w, q_w, k_w, conv_norm_w=None, conv_w=None, di
     if conv_w is None:
         return vt, gate
     K = conv_w.shape[1]
-    z = torch.cat([ref_rmsnorm(vt[:, :, m], conv_norm_w[m]) for m in range(M)], dim=-1)  # [B, T, C]
+    z = torch.cat([ref_rmsnorm(vt[:, :, m], conv_norm_w[m], conv_eps) for m in range(M)], dim=-1)  # [B, T, C]
     y = torch.zeros_like(z)
     for b in range(B):
         for t in range(T):
@@ -138,4 +149,4 @@ def ref_fusion(h, e, value_w, key_w, q_w, k_w, conv_norm_w=None, conv_w=None, di
                     continue
                 y[b, t] += z[b, src] * conv_w[:, j].double()
     y = F.silu(y).reshape(B, T, M, D)
-    return vt + y, gate
+    return (vt + y) * keep[:, :, None, None], gate
