@@ -16,7 +16,7 @@ once at construction, to draw the multipliers exactly as the reference does. All
 
 Shape legend:
     B batch, T time, L Engram layers, N max n-gram order, P = N - 1 history length,
-    O = N - 1 orders (2..N), K heads per order, H = O * K heads per layer.
+    O = N - 1 orders (2..N), K heads per order, H = O * K heads per layer, X = P + T (history, then chunk).
 Output hash ids: int64 [B, T, L, H], head axis order-major (all heads of order 2, then order 3, ...),
 each an index inside that head's own table (the table adds per-head offsets).
 """
@@ -167,8 +167,8 @@ def _read_pad(
     """For k = 0..N-1, bool [B, T]: position t reads the pad id in place of token t - k.
 
     Documents: t - k is read only if no document opens at t - k + 1, ..., t.
-    Token mask (DeepSeek-V4.1's semantics, checked against its outputs): t - k is read only if none of
-    t - k, ..., t is masked. So a masked position hashes as an all-pad n-gram (its own token reads as
+    Token mask (DeepSeek-V4.1's rule; its masked and incremental outputs match): t - k is read only if
+    none of t - k, ..., t is masked. So a masked position hashes as an all-pad n-gram (its own token reads as
     pad too), and look-back never crosses a masked token: the first real token after a masked span sees
     pad history, as at the start of a sequence. Tokens before the chunk (the history) are already
     cleared by ``step``.
