@@ -307,6 +307,17 @@ def test_cpu_and_cuda_agree():
     assert torch.equal(h(x), h(x.cuda()).cpu())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_token_mask_cpu_and_cuda_agree():
+    h = make(4, 4)
+    x = torch.randint(0, V, (4, 100))
+    mask = random_mask(x.shape, 5)
+    assert torch.equal(h(x, token_mask=mask), h(x.cuda(), token_mask=mask.cuda()).cpu())
+    state = h.init_state(4, "cuda")
+    steps = [h.step(x[:, t : t + 10].cuda(), state, token_mask=mask[:, t : t + 10].cuda()) for t in range(0, 100, 10)]
+    assert torch.equal(torch.cat(steps, 1).cpu(), h(x, token_mask=mask))
+
+
 def test_segment_ids_from_starts_errors():
     with pytest.raises(ValueError, match="out of range"):
         segment_ids_from_starts([[0, 12]], 10)
