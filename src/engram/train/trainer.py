@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from engram.config import ModelConfig, TrainConfig, diff_configs, from_dict, to_dict
+from engram.config import ModelConfig, TrainConfig, diff_configs, from_dict, to_dict, with_defaults
 from engram.data.bpe import eot_id, load_tokenizer, save_tokenizer, tokenizer_fingerprint, train_corpus_tokenizer
 from engram.data.corpora import CORPORA, default_cache_dir, prepare
 from engram.data.loader import EvalLoader, TrainLoader
@@ -117,9 +117,8 @@ _RESUMABLE_CHANGES = ("steps", "eval_every", "ckpt_every", "keep_checkpoints", "
 def _resume_key(cfg: dict[str, Any]) -> dict[str, Any]:
     """What must match to continue a run, with configs saved by older versions brought up to date
     (a missing field takes its default, which keeps the old behaviour)."""
-    model = to_dict(from_dict(ModelConfig, cfg["model"]))
-    train = {k: v for k, v in to_dict(from_dict(TrainConfig, cfg["train"])).items() if k not in _RESUMABLE_CHANGES}
-    return {"model": model, "train": train, "tokenizer": cfg["tokenizer"]}
+    train = {k: v for k, v in with_defaults(TrainConfig, cfg["train"]).items() if k not in _RESUMABLE_CHANGES}
+    return {"model": with_defaults(ModelConfig, cfg["model"]), "train": train, "tokenizer": cfg["tokenizer"]}
 
 
 @torch.no_grad()
