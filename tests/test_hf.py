@@ -1,5 +1,5 @@
-"""engram.hf: Engram added to real transformers models (tiny random ones built from config classes, with
-GPT-2's real tokenizer).
+"""engram.hf: Engram added to real transformers models (tiny random ones built from config classes) with
+real tokenizers: a 512-id BPE trained on stdlib source for speed, and GPT-2's own for the GPT-2 family.
 
 Exact: zero-init logits equal the base model's; hash ids of padded rows equal the unpadded row's; a
 saved and reloaded adapter reproduces the logits. Close (atol in each test): cached decoding, greedy and
@@ -34,21 +34,23 @@ from engram.hf import (
     save_adapter,
 )
 from engram.tokenizer import CompressionMap, gpt2_tokenizer
+from tokenizers import Tokenizer
 
-EOS = 50256  # GPT-2's <|endoftext|>
+EOS = 0  # <|endoftext|> of the small BPE
+GPT2_EOS = 50256
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 SMALL = dict(heads=2, table_sizes=(1009, 1013), d_mem=32)  # 4 heads of width 8 per Engram layer
 
 
-def config_of(family: str, vocab: int = 50257, hidden: int = 64, layers: int = 3):
+def config_of(family: str, vocab: int = 512, hidden: int = 64, layers: int = 3, eos: int = EOS):
     common = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=EOS, eos_token_id=EOS,
+        bos_token_id=eos, eos_token_id=eos,
     )
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
-                          bos_token_id=EOS, eos_token_id=EOS)
+                          bos_token_id=eos, eos_token_id=eos)
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
             "qwen3": Qwen3Config}[family](**common)
 
@@ -59,8 +61,8 @@ def tiny(family: str, seed: int = 0, **kw):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return gpt2_tokenizer()
+def tok(stdlib_bpe):
+    return stdlib_bpe
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def wake(adapter, seed: int = 1) -> None:
 
 def prompts(tok, B: int = 2):
     """A left-padded batch of real text: row 1 is shorter, padded with EOS on the left."""
-    texts = ["The quick brown fox jumps over the lazy dog near the river", "To be, or not to be"]
+    texts = ["def main(argv):\n    parser = argparse.ArgumentParser(", "To be, or not to be"]
     rows = [tok.encode(t).ids for t in texts[:B]]
     T = max(len(r) for r in rows)
     ids = torch.full((B, T), EOS, dtype=torch.long)
@@ -135,6 +137,23 @@ def test_greedy_generate_equals_full_forward_argmax(family, tok, cmap):
     steps = full[:, T - 1 : T - 1 + new]
     assert torch.equal(steps.argmax(-1), out.sequences[:, T:])
     torch.testing.assert_close(torch.stack(out.logits, 1), steps, atol=1e-4, rtol=0)
+
+
+def test_gpt2_with_its_own_tokenizer():
+    """GPT-2's 50,257-id tokenizer on a GPT-2 model: exact at init, then greedy decoding equals the forward."""
+    tok = gpt2_tokenizer()
+    model = tiny("gpt2", vocab=50257, eos=GPT2_EOS)
+    base = copy.deepcopy(model)
+    adapter = add_engram(model, tok, layers=[1], **SMALL)
+    assert adapter.config.pad_id == GPT2_EOS and adapter.compression.compressed_vocab_size < 50257
+    ids = torch.tensor([tok.encode("Alexander the Great was a king of Macedon").ids])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)
+    wake(adapter)
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=GPT2_EOS)
+    with torch.no_grad():
+        full = model(out, use_cache=False).logits
+    assert torch.equal(full[:, ids.shape[1] - 1 : -1].argmax(-1), out[:, ids.shape[1]:])
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -217,12 +236,12 @@ def test_load_refuses_another_base_model(tok, cmap, tmp_path):
 
 
 def test_load_refuses_another_tokenizer(tok, cmap, tmp_path):
-    _, model, _ = adapted("llama", tok, cmap, layers=(1,), vocab=50260)  # room for one added token
+    _, model, _ = adapted("llama", tok, cmap, layers=(1,), vocab=520)  # room for one added token
     path = save_adapter(model, tmp_path / "adapter")
-    other = gpt2_tokenizer()
+    other = Tokenizer.from_str(tok.to_str())
     other.add_tokens(["<|image|>"])
-    target = tiny("llama", vocab=50260)
-    with pytest.raises(AdapterMismatchError, match=r"tokenizer\.vocab_sha256.*tokenizer\.vocab_size: 50257 != 50258"):
+    target = tiny("llama", vocab=520)
+    with pytest.raises(AdapterMismatchError, match=r"tokenizer\.vocab_sha256.*tokenizer\.vocab_size: 512 != 513"):
         load_adapter(target, other, path)
     assert "engram" not in target.model.layers[1]._modules  # refused before touching the model
 
@@ -245,7 +264,7 @@ def test_load_refuses_corrupt_files(tok, cmap, tmp_path):
 def test_unknown_model_class_lists_supported(tok, cmap):
     torch.manual_seed(0)
     neox = transformers.AutoModelForCausalLM.from_config(
-        GPTNeoXConfig(vocab_size=50257, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+        GPTNeoXConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
     )
     with pytest.raises(UnsupportedModelError, match=r"GPTNeoXForCausalLM.*gpt2 \(GPT2LMHeadModel\), llama \(LlamaForCausalLM\), "
                        r"mistral \(MistralForCausalLM\), qwen2 \(Qwen2ForCausalLM\), qwen3 \(Qwen3ForCausalLM\)"):
@@ -258,10 +277,10 @@ def test_layer_index_out_of_range(tok, cmap):
 
 
 def test_tokenizer_that_does_not_fit_the_embedding(tok, cmap):
-    with pytest.raises(VocabularyMismatchError, match="50257 ids but the model's embedding has only 32000 rows"):
-        add_engram(tiny("llama", vocab=32000), tok, compression=cmap, **SMALL)
+    with pytest.raises(VocabularyMismatchError, match="512 ids but the model's embedding has only 400 rows"):
+        add_engram(tiny("llama", vocab=400), tok, compression=cmap, **SMALL)
     model = tiny("qwen2")
-    model.config.eos_token_id = 151643  # a Qwen tokenizer's id: not one of GPT-2's
+    model.config.eos_token_id = 151643  # a Qwen tokenizer's id: not one of this tokenizer's
     with pytest.raises(VocabularyMismatchError, match="eos_token_id=151643 is not an id of this tokenizer"):
         add_engram(model, tok, compression=cmap, **SMALL)
 
