@@ -1,6 +1,9 @@
-"""The model: shapes, causality, document isolation, decode == forward, accounting, presets, bad input."""
+"""The model: shapes, causality, document isolation, decode == forward, token mask, accounting, presets,
+configs saved by older versions, bad input."""
 
 import dataclasses
+import json
+import os
 
 import pytest
 import torch
@@ -39,6 +42,9 @@ VARIANTS = {
     "engram-hc4": small_cfg(hc_mult=4),
     "engram-single-hc2": small_cfg(hc_mult=2, engram=dataclasses.replace(small_cfg().engram, gate="single")),
     "engram-noconv-dense": small_cfg(moe=None, engram=dataclasses.replace(small_cfg().engram, use_conv=False)),
+    "engram-reference-options": small_cfg(engram=dataclasses.replace(
+        small_cfg().engram, proj_bias=True, gate_norm_eps=1e-20, conv_norm_eps=1e-5)),
+    "engram-nogate-hc2": small_cfg(hc_mult=2, engram=dataclasses.replace(small_cfg().engram, use_gate=False)),
     "moe-only": small_cfg(engram=None),
     "moe-tied-embeddings": small_cfg(engram=None, tie_embeddings=True),
     "overencoding": small_cfg(engram=None, overencoding=OverEncodingConfig(max_ngram=3, heads=2, table_sizes=(31, 37))),
@@ -273,3 +279,57 @@ def test_config_json_round_trip():
     assert any(d.startswith("moe.n_routed") for d in diffs) and any(d.startswith("engram") for d in diffs)
     with pytest.raises(ValueError, match="unknown fields"):
         from_dict(ModelConfig, {**a, "bogus": 1})
+
+
+def test_token_mask_reaches_hashing_and_gates_and_decoding():
+    m = randomise(build_model(VARIANTS["engram-hc4"]))
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 3:5] = False  # e.g. image tokens
+    mask[1, :2] = False  # e.g. left padding
+    with torch.no_grad():
+        out = m(ids, token_mask=mask, return_gates=True)
+        precomputed = m(ids, hash_ids=m.hash(ids, token_mask=mask), token_mask=mask)
+        unmasked = m(ids)
+    assert torch.equal(m.hash(ids, token_mask=mask), m.hasher(ids, token_mask=mask))
+    for gate in out.gates.values():
+        assert not gate[~mask].any() and gate[mask].min() > 0
+    assert torch.equal(out.logits, precomputed.logits)
+    assert not torch.allclose(out.logits, unmasked.logits)
+    state = m.new_decode_state(2, 16)
+    steps = [m.forward_chunk(ids[:, :4], state, token_mask=mask[:, :4])]
+    steps += [m.forward_chunk(ids[:, t : t + 1], state, token_mask=mask[:, t : t + 1]) for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), out.logits, **DECODE_TOL)
+
+
+def test_config_saved_before_the_interop_fields_still_loads_and_resumes():
+    """A run config written by the code before proj_bias / gate_norm_eps / conv_norm_eps / use_gate existed."""
+    from engram.config import TrainConfig, diff_configs, from_dict, to_dict, with_defaults
+    from engram.train.trainer import _resume_key
+
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "config_before_interop_fields.json")
+    with open(path) as f:
+        old = json.load(f)
+    assert "use_gate" not in old["model"]["engram"]
+    cfg = from_dict(ModelConfig, old["model"])
+    assert cfg == preset("debug")
+    e = cfg.engram
+    assert (e.proj_bias, e.gate_norm_eps, e.conv_norm_eps, e.use_gate) == (False, 1e-6, 1e-6, True)
+    assert diff_configs(with_defaults(ModelConfig, old["model"]), to_dict(cfg)) == []
+    now = {"model": to_dict(cfg), "train": to_dict(TrainConfig()), "tokenizer": "t"}
+    assert diff_configs(_resume_key({**old, "tokenizer": "t"}), _resume_key(now)) == []
+    changed = {**now, "model": to_dict(dataclasses.replace(cfg, engram=dataclasses.replace(e, use_gate=False)))}
+    assert diff_configs(_resume_key({**old, "tokenizer": "t"}), _resume_key(changed)) == [
+        "model.engram.use_gate: True != False"]
+
+
+def test_new_engram_fields_are_validated():
+    for bad in (0.0, -1e-6, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="gate_norm_eps must be a positive finite number"):
+            EngramConfig(gate_norm_eps=bad)
+        with pytest.raises(ValueError, match="conv_norm_eps must be a positive finite number"):
+            EngramConfig(conv_norm_eps=bad)
+    cfg = EngramConfig(gate_norm_eps=1e-20)
+    from engram.config import from_dict, to_json
+
+    assert from_dict(EngramConfig, json.loads(to_json(cfg))) == cfg  # 1e-20 survives JSON

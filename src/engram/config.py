@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,6 +34,12 @@ class EngramConfig:
     (the reference's ``engram_vocab_size``); each head of each layer gets its own distinct prime at or
     above it. ``d_mem`` is the width of the concatenated retrieval e_t, split evenly over
     (max_ngram - 1) * heads heads. ``layers`` are block indices of the backbone.
+
+    Fusion options that express DeepSeek's reference settings (docs/interop.md; defaults are ours):
+    ``proj_bias`` adds biases to W_V and W_K (the public demo has them); ``gate_norm_eps`` is the RMSNorm
+    epsilon of the gate's query and key norms (demo: fp32 machine epsilon, V4.1: 1e-20); ``conv_norm_eps``
+    that of the short conv's norm (demo: 1e-5); ``use_gate=False`` is the paper's no-gate ablation: alpha
+    is fixed at 1, so the key projection and the gate norms are not built.
     """
 
     layers: tuple[int, ...] = (1,)
@@ -49,6 +56,10 @@ class EngramConfig:
     table_dtype: str = "float32"
     table_init_std: float = 1.0
     compress: bool = True  # apply tokenizer compression before hashing (ablation: False)
+    proj_bias: bool = False  # biases on the value and key projections
+    gate_norm_eps: float = 1e-6  # RMSNorm epsilon of the gate's query/key norms
+    conv_norm_eps: float = 1e-6  # RMSNorm epsilon of the short conv's norm
+    use_gate: bool = True  # False: alpha = 1 (ablation)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
@@ -75,6 +86,10 @@ class EngramConfig:
         _check(self.gate in ("per_branch", "single"), f"EngramConfig.gate must be 'per_branch' or 'single', got {self.gate!r}")
         _check(self.table_dtype in TABLE_DTYPES, f"EngramConfig.table_dtype must be one of {TABLE_DTYPES}, got {self.table_dtype!r}")
         _check(self.table_init_std > 0, "EngramConfig.table_init_std must be positive")
+        for name in ("gate_norm_eps", "conv_norm_eps"):
+            eps = getattr(self, name)
+            _check(isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0,
+                   f"EngramConfig.{name} must be a positive finite number, got {eps!r}")
 
     @property
     def total_heads(self) -> int:
@@ -248,6 +263,12 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**data)
 
 
+def with_defaults(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``to_dict`` output with every field added since it was saved set to its default, so a
+    config written before a field existed compares equal to today's config of the same run."""
+    return to_dict(from_dict(cls, data))
+
+
 def to_json(cfg: Any) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
@@ -274,6 +295,7 @@ __all__ = [
     "preset",
     "to_dict",
     "from_dict",
+    "with_defaults",
     "to_json",
     "diff_configs",
 ]

@@ -13,6 +13,10 @@ fuses once after the pre-mapping, with a single gate, and its output is distribu
 Hashing is a pure function of token ids and happens once for all Engram layers (``EngramLM.hash``),
 normally in the data loader; ``forward`` calls it only when no hash ids are passed.
 
+A token mask ([B, T] bool, True = real token; False for image tokens or left padding) makes masked
+tokens hash as padding and gives them a zero Engram gate (``NgramHasher``, ``EngramFusion``). It touches
+nothing else: attention masking is the caller's concern.
+
 Shape legend: B batch, T time, D d_model, M streams, V vocab, L Engram layers, H heads per Engram layer.
 """
 
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.config import ModelConfig
+from engram.config import EngramConfig, ModelConfig
 from engram.hashing import HashState, NgramHasher
 from engram.layers.attention import Attention, KVCache
 from engram.layers.engram import ConvState, EngramFusion, EngramLayer
@@ -88,15 +92,17 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         conv_state: ConvState | None = None,
         lengths: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         gate = None
         if self.engram is not None:
             if self.hc_engram is None:  # per-branch gating, output added to every stream
-                y_BTMD, gate = self.engram(x_BTMD, hash_ids_BTH, segment_ids, conv_state, lengths)
+                y_BTMD, gate = self.engram(x_BTMD, hash_ids_BTH, segment_ids, conv_state, lengths, token_mask)
                 x_BTMD = x_BTMD + y_BTMD.to(x_BTMD.dtype)
             else:  # single fusion after the pre-mapping
                 h_BTD, st = self.hc_engram.pre(x_BTMD)
-                y_BT1D, gate = self.engram(h_BTD.unsqueeze(2), hash_ids_BTH, segment_ids, conv_state, lengths)
+                y_BT1D, gate = self.engram(h_BTD.unsqueeze(2), hash_ids_BTH, segment_ids, conv_state, lengths,
+                                           token_mask)
                 x_BTMD = self.hc_engram.post(y_BT1D[:, :, 0], x_BTMD, st)
         h_BTD, st = self.hc_attn.pre(x_BTMD)
         a_BTD = self.attn(self.attn_norm(h_BTD), segment_ids if cache is None else None, cache, lengths)
@@ -168,11 +174,7 @@ class EngramLM(nn.Module):
         engram = None
         e = cfg.engram
         if e is not None and i in e.layers:
-            n_branches = 1 if e.gate == "single" else cfg.hc_mult
-            table = EngramTable(self.hasher.head_sizes(i), e.d_head, e.table_dtype, e.table_init_std)
-            fusion = EngramFusion(e.d_mem, cfg.d_model, n_branches, e.kernel_size if e.use_conv else None,
-                                  e.dilation, e.signed_sqrt)
-            engram = EngramLayer(table, fusion)
+            engram = build_engram_layer(e, cfg.d_model, cfg.hc_mult, self.hasher.head_sizes(i))
         return Block(attn, ffn, cfg.hc_mult, cfg.sinkhorn_iters, engram, e is not None and e.gate == "single")
 
     # ------------------------------------------------------------------------------------------ init
@@ -237,9 +239,11 @@ class EngramLM(nn.Module):
 
     # --------------------------------------------------------------------------------------- forward
 
-    def hash(self, ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    def hash(
+        self, ids: torch.Tensor, segment_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Hash ids [B, T, L, H] for all Engram layers at once (None for a model without memory)."""
-        return self.hasher(ids, segment_ids) if self.hasher is not None else None
+        return self.hasher(ids, segment_ids, token_mask=token_mask) if self.hasher is not None else None
 
     def _embed(self, ids: torch.Tensor, hash_ids: torch.Tensor | None) -> torch.Tensor:
         x_BTD = self.tok_emb(ids)
@@ -267,14 +271,16 @@ class EngramLM(nn.Module):
         targets: torch.Tensor | None = None,
         return_gates: bool = False,
         return_logits: bool = True,
+        token_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """ids [B, T]; segment ids [B, T] for packed documents; hash ids [B, T, L, H] (computed when
-        absent); targets [B, T] with -100 = ignore."""
+        absent; precomputed ones must have been hashed with the same ``token_mask``); targets [B, T] with
+        -100 = ignore; token_mask [B, T] bool, True = real token (module docstring)."""
         self._check_ids(ids)
         if self.hasher is not None:
             want = (ids.shape[0], ids.shape[1], self.hasher.num_layers, self.hasher.heads_per_layer)
             if hash_ids is None:
-                hash_ids = self.hasher(ids, segment_ids, check=False)
+                hash_ids = self.hasher(ids, segment_ids, check=False, token_mask=token_mask)
             elif tuple(hash_ids.shape) != want:
                 raise ValueError(f"hash_ids shape {tuple(hash_ids.shape)} != expected {want}")
         layer_slot = {layer: j for j, layer in enumerate(self.hasher.layers)} if self.cfg.engram else {}
@@ -282,7 +288,7 @@ class EngramLM(nn.Module):
         gates: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
             h_ids = hash_ids[:, :, layer_slot[i]] if i in layer_slot else None
-            x, gate = blk(x, segment_ids, h_ids)
+            x, gate = blk(x, segment_ids, h_ids, token_mask=token_mask)
             if gate is not None and return_gates:
                 gates[i] = gate
         logits = self._head(x)
@@ -308,19 +314,27 @@ class EngramLM(nn.Module):
         return DecodeState(caches, hs, conv, torch.zeros(batch, dtype=torch.int64, device=dev))
 
     @torch.no_grad()
-    def forward_chunk(self, ids: torch.Tensor, state: DecodeState, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_chunk(
+        self,
+        ids: torch.Tensor,
+        state: DecodeState,
+        lengths: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Consume a chunk [B, T] (row b's first ``lengths[b]`` tokens are real; default all), updating
         ``state``; returns logits [B, T, V]. Prefill is one chunk; a decode step is a chunk with T = 1
-        and lengths = 1 for active rows, 0 for finished ones."""
+        and lengths = 1 for active rows, 0 for finished ones. ``token_mask`` [B, T] as in ``forward``."""
         self._check_ids(ids)
         B, T = ids.shape
         lengths = torch.full((B,), T, dtype=torch.int64, device=ids.device) if lengths is None else lengths.long()
-        hash_ids = self.hasher.step(ids, state.hash_state, lengths, check=False) if self.hasher is not None else None
+        hash_ids = None
+        if self.hasher is not None:
+            hash_ids = self.hasher.step(ids, state.hash_state, lengths, check=False, token_mask=token_mask)
         layer_slot = {layer: j for j, layer in enumerate(self.hasher.layers)} if self.cfg.engram else {}
         x = self._embed(ids, hash_ids)
         for i, blk in enumerate(self.blocks):
             h_ids = hash_ids[:, :, layer_slot[i]] if i in layer_slot else None
-            x, _ = blk(x, None, h_ids, state.caches[i], state.conv_states.get(i), lengths)
+            x, _ = blk(x, None, h_ids, state.caches[i], state.conv_states.get(i), lengths, token_mask)
         state.lengths += lengths
         return self._head(x)
 
@@ -466,6 +480,18 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def build_engram_layer(cfg: EngramConfig, d_model: int, hc_mult: int, head_sizes: list[int]) -> EngramLayer:
+    """One Engram layer (table + fusion) as ``cfg`` describes it, for a backbone of width ``d_model`` with
+    ``hc_mult`` streams; ``head_sizes`` are the layer's prime table sizes (``NgramHasher.head_sizes``)."""
+    n_branches = 1 if cfg.gate == "single" else hc_mult
+    table = EngramTable(head_sizes, cfg.d_head, cfg.table_dtype, cfg.table_init_std)
+    fusion = EngramFusion(
+        cfg.d_mem, d_model, n_branches, cfg.kernel_size if cfg.use_conv else None, cfg.dilation, cfg.signed_sqrt,
+        bias=cfg.proj_bias, gate_eps=cfg.gate_norm_eps, conv_eps=cfg.conv_norm_eps, use_gate=cfg.use_gate,
+    )
+    return EngramLayer(table, fusion)
+
+
 def build_model(cfg: ModelConfig, lookup=None, device: torch.device | str | None = None) -> EngramLM:
     """Build a model and initialise every tensor once; on ``device='meta'`` only shapes exist (no memory).
 
@@ -482,4 +508,13 @@ def build_model(cfg: ModelConfig, lookup=None, device: torch.device | str | None
     return model
 
 
-__all__ = ["Block", "DecodeState", "EngramLM", "ModelOutput", "OverEncoding", "build_model", "sample_next"]
+__all__ = [
+    "Block",
+    "DecodeState",
+    "EngramLM",
+    "ModelOutput",
+    "OverEncoding",
+    "build_engram_layer",
+    "build_model",
+    "sample_next",
+]

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from engram.config import ModelConfig, TrainConfig, diff_configs, from_dict, to_dict
+from engram.config import ModelConfig, TrainConfig, diff_configs, from_dict, to_dict, with_defaults
 from engram.data.bpe import eot_id, load_tokenizer, save_tokenizer, tokenizer_fingerprint, train_corpus_tokenizer
 from engram.data.corpora import default_cache_dir, prepare
 from engram.data.loader import EvalLoader, TrainLoader
@@ -99,9 +99,11 @@ def run_config(model_cfg: ModelConfig, tcfg: TrainConfig, tok) -> dict[str, Any]
 
 def _resume_key(cfg: dict[str, Any]) -> dict[str, Any]:
     """What must match to continue a run: the model, the tokenizer and everything that changes the
-    batches or the update; ``steps`` and the logging/checkpoint cadence may change on resume."""
-    train = {k: v for k, v in cfg["train"].items() if k not in ("steps", "eval_every", "ckpt_every", "keep_checkpoints")}
-    return {"model": cfg["model"], "train": train, "tokenizer": cfg["tokenizer"]}
+    batches or the update; ``steps`` and the logging/checkpoint cadence may change on resume. Fields
+    added after a run was saved take their defaults."""
+    train = with_defaults(TrainConfig, cfg["train"])
+    train = {k: v for k, v in train.items() if k not in ("steps", "eval_every", "ckpt_every", "keep_checkpoints")}
+    return {"model": with_defaults(ModelConfig, cfg["model"]), "train": train, "tokenizer": cfg["tokenizer"]}
 
 
 @torch.no_grad()
