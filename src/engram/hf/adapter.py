@@ -48,6 +48,7 @@ from engram.hf.families import Family, decoder_layers, decoder_stack, family_of
 from engram.hf.identity import base_identity
 from engram.layers.engram import EngramFusion, EngramLayer
 from engram.memory.table import EngramTable
+from engram.model import build_engram_layer
 from engram.tokenizer import CompressionMap, load_tokenizer, vocab_extent
 
 ENGRAM_KWARG = "engram_inputs"  # the keyword argument the stack hook adds and the layer hooks remove
@@ -63,9 +64,8 @@ class EngramInputs:
 
     hash_ids_BTLH: torch.Tensor  # int64, all Engram layers at once
     slot: dict[int, int]  # decoder index -> position on the L axis
-    segment_ids_BT: torch.Tensor | None  # real tokens vs padding runs: the conv never reads a pad
+    token_mask_BT: torch.Tensor | None  # bool, False = padding: zero gate, reads as pad (None: all real)
     state: EngramDecodeState | None  # decoding state from the cache (None: a plain full forward)
-    fresh_mask_BT: torch.Tensor | None  # token mask of a first chunk whose padding must leave the conv state
 
 
 class DecoderEngram(EngramLayer):
@@ -78,7 +78,7 @@ class DecoderEngram(EngramLayer):
     def add_to(self, h_BTD: torch.Tensor, inputs: EngramInputs) -> torch.Tensor:
         """h + Engram(h): the residual stream with this layer's memory added (same dtype as h)."""
         for name in ("value_proj", "key_proj"):
-            if type(getattr(self.fusion, name)) is not nn.Linear:
+            if getattr(self.fusion, name) is not None and type(getattr(self.fusion, name)) is not nn.Linear:
                 raise TypeError(
                     f"Engram's {name} of decoder layer {self.index} was replaced by "
                     f"{type(getattr(self.fusion, name)).__name__} (an adapter such as LoRA targeting it?): "
@@ -86,19 +86,9 @@ class DecoderEngram(EngramLayer):
                 )
         hash_ids_BTH = inputs.hash_ids_BTLH[:, :, inputs.slot[self.index]].to(self.table.weight.device)
         conv_state = inputs.state.conv.get(self.index) if inputs.state is not None else None
-        y_BT1D, _ = self(h_BTD.unsqueeze(2), hash_ids_BTH, inputs.segment_ids_BT, conv_state)
-        if conv_state is not None and inputs.fresh_mask_BT is not None:
-            conv_state.buffer = _without_padding(conv_state.buffer, inputs.fresh_mask_BT)
+        # padding gets a zero gate, so its conv input is zero: a row reads its padding like a sequence start
+        y_BT1D, _ = self(h_BTD.unsqueeze(2), hash_ids_BTH, None, conv_state, None, inputs.token_mask_BT)
         return h_BTD + y_BT1D[:, :, 0].to(h_BTD.dtype)
-
-
-def _without_padding(buffer_BSC: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """The conv buffer with padding positions zeroed, as if each row started after its padding.
-
-    Out of place: the buffer may share storage with tensors autograd saved for the backward pass."""
-    B, S = buffer_BSC.shape[:2]
-    real_BS = torch.cat([mask_BT.new_ones(B, S), mask_BT], dim=1)[:, -S:]  # the buffered positions
-    return buffer_BSC * real_BS.unsqueeze(-1).to(buffer_BSC.dtype)
 
 
 class EngramAdapter:
@@ -143,13 +133,9 @@ class EngramAdapter:
             )
         return attention_mask[:, -T:].to(torch.bool)
 
-    def _padded(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor | None) -> torch.Tensor:
-        # a masked position reads as the pad id in every n-gram that covers it
-        return ids_BT if mask_BT is None else torch.where(mask_BT, ids_BT, self.hasher.raw_pad_id)
-
     def hash(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Hash ids [B, T, L, H] of a whole sequence (padding hashes as padding)."""
-        return self.hasher(self._padded(input_ids, self.token_mask(attention_mask, input_ids.shape[1])))
+        return self.hasher(input_ids, token_mask=self.token_mask(attention_mask, input_ids.shape[1]))
 
     def new_state(self, batch_size: int, device: torch.device) -> EngramDecodeState:
         conv = {
@@ -165,38 +151,21 @@ class EngramAdapter:
         """Hash one call's tokens; with a cache, continue (and advance) its decoding state."""
         B, T = input_ids.shape
         mask_BT = self.token_mask(attention_mask, T)
-        ids_BT = self._padded(input_ids, mask_BT)
-        segment_ids_BT = None if mask_BT is None else _runs(mask_BT)
         if cache is None:
-            return EngramInputs(self.hasher(ids_BT), self.slot, segment_ids_BT, None, None)
-        fresh = cache.engram_state is None
-        if fresh:
+            return EngramInputs(self.hasher(input_ids, token_mask=mask_BT), self.slot, mask_BT, None)
+        if cache.engram_state is None:
             cache.engram_state = self.new_state(B, input_ids.device)
         state = cache.engram_state
         if state.batch_size != B:
             raise ValueError(f"the cache holds Engram state for {state.batch_size} rows, this call has {B}")
-        if not fresh:
-            if mask_BT is not None and not bool(mask_BT.all()):
-                raise ValueError(
-                    "attention_mask marks a token after the first chunk as padding; Engram supports padding "
-                    "only in the first call of a cached sequence (left or right padding of the prompt)"
-                )
-            segment_ids_BT = None
-        hash_ids = self.hasher.step(ids_BT, state.hash_state)
-        return EngramInputs(hash_ids, self.slot, segment_ids_BT, state, mask_BT if fresh else None)
+        hash_ids = self.hasher.step(input_ids, state.hash_state, token_mask=mask_BT)
+        return EngramInputs(hash_ids, self.slot, mask_BT, state)
 
     def save(self, path) -> None:
         """Write the adapter alone (see ``engram.hf.saving``)."""
         from engram.hf.saving import save_adapter
 
         save_adapter(self, path)
-
-
-def _runs(mask_BT: torch.Tensor) -> torch.Tensor:
-    """Segment ids [B, T] that change wherever the mask does: tokens and padding form separate runs."""
-    change = torch.zeros_like(mask_BT, dtype=torch.int64)
-    change[:, 1:] = (mask_BT[:, 1:] != mask_BT[:, :-1]).to(torch.int64)
-    return change.cumsum(1)
 
 
 # ------------------------------------------------------------------------------------------- hooks
@@ -356,14 +325,12 @@ def _resolve_config(config: EngramConfig | None, layers: Sequence[int] | None, s
 
 def _build_layer(cfg: EngramConfig, hasher: NgramHasher, index: int, d_model: int, device: torch.device) -> DecoderEngram:
     """One zero-initialised Engram layer: tables ~ N(0, init_std^2), value projection and conv at zero."""
-    table = EngramTable(hasher.head_sizes(index), cfg.d_head, cfg.table_dtype, cfg.table_init_std, device=device)
-    fusion = EngramFusion(
-        cfg.d_mem, d_model, 1, cfg.kernel_size if cfg.use_conv else None, cfg.dilation, cfg.signed_sqrt
-    ).to(device)
-    fusion.reset_parameters()
+    built = build_engram_layer(cfg, d_model, 1, hasher.head_sizes(index))
+    layer = DecoderEngram(built.table, built.fusion, index).to(device)
+    layer.reset_parameters()
     with torch.no_grad():
-        fusion.value_proj.weight.zero_()  # Y = 0: the adapted model starts as the base model
-    return DecoderEngram(table, fusion, index)
+        layer.fusion.value_proj.weight.zero_()  # Y = 0: the adapted model starts as the base model
+    return layer
 
 
 @dataclass

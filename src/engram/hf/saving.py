@@ -33,8 +33,8 @@ from engram import io as eio
 from engram.config import EngramConfig, from_dict, to_dict
 from engram.hf.adapter import EngramAdapter, attach, engram_adapter, plan_adapter
 from engram.hf.identity import check_identity
-from engram.layers.engram import EngramFusion
 from engram.memory.table import check_layout
+from engram.model import build_engram_layer
 from engram.tokenizer import CompressionMap
 
 ADAPTER_FILE = "engram_adapter.json"
@@ -174,9 +174,8 @@ def read_layout(path: str | os.PathLike) -> dict[str, Any]:
 
 def _check_fusion(tensors: dict[str, torch.Tensor], config: EngramConfig, d_model: int, source: Path) -> None:
     """Every layer's fusion tensors have exactly the names and shapes this config builds."""
-    with torch.device("meta"):
-        fusion = EngramFusion(config.d_mem, d_model, 1, config.kernel_size if config.use_conv else None,
-                              config.dilation, config.signed_sqrt)
+    with torch.device("meta"):  # shapes only
+        fusion = build_engram_layer(config, d_model, 1, [1] * config.total_heads).fusion
     want = {f"{i}.{k}": tuple(v.shape) for i in config.layers for k, v in fusion.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != want:
