@@ -71,7 +71,7 @@ class Size:
 QUICK = Size(vocab=512, hidden=64, layers=2, heads=4, ffn=172, seq_len=64, batch=8, pretrain_steps=40,
              finetune_steps=30, pretrain_lr=3e-3, finetune_lr=3e-3, eval_batches=4, engram_layers=(1,),
              engram_heads=2, table_size=4001, d_mem=64, lora_r=4, heldout_sympy=False)
-FULL = Size(vocab=4096, hidden=192, layers=4, heads=6, ffn=512, seq_len=128, batch=16, pretrain_steps=900,
+FULL = Size(vocab=4096, hidden=192, layers=4, heads=6, ffn=512, seq_len=128, batch=16, pretrain_steps=800,
             finetune_steps=300, pretrain_lr=2e-3, finetune_lr=2e-3, eval_batches=24, engram_layers=(1,),
             engram_heads=4, table_size=60_011, d_mem=256, lora_r=8, heldout_sympy=True)
 

@@ -139,3 +139,26 @@ def test_lora_on_engram_projections_is_refused(tok, cmap, batch):
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["value_proj"]))
     with pytest.raises(TypeError, match="value_proj of decoder layer 0 was replaced by Linear"):
         wrapped(**batch)
+
+
+@pytest.mark.slow
+def test_example_quick(mini_cache, tmp_path):
+    """examples/hf_adapter.py --quick: pre-train a Llama on Shakespeare, fine-tune three ways on Python."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    cmd = [sys.executable, str(root / "examples" / "hf_adapter.py"), "--quick", "--out", str(out), "--cache-dir", str(mini_cache)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| LoRA + Engram" in proc.stdout  # the table
+    result = json.loads((out / "results.json").read_text())
+    arms = [r["arm"] for r in result["rows"]]
+    assert arms == ["pre-trained, no fine-tuning", "LoRA", "Engram (backbone frozen)", "LoRA + Engram"]
+    for r in result["rows"]:
+        assert all(0 < r[k] < 10 for k in result["heldout"])
+    lora, engram, both = result["rows"][1:]
+    assert both["trainable"] == lora["trainable"] + engram["trainable"]
