@@ -301,3 +301,13 @@ def test_other_bad_calls(tok, cmap):
         cache = model(ids[:, :4], use_cache=True).cache
         with pytest.raises(ValueError, match="holds Engram state for 2 rows, this call has 1"):
             model(ids[:1, 4:], cache=cache)
+        with pytest.raises(ValueError, match="StaticCache is not supported"):
+            model.generate(ids, max_new_tokens=2, cache_implementation="static", pad_token_id=EOS)
+        with pytest.raises(NotImplementedError, match="cannot be rolled back"):
+            cache.crop(1)
+
+
+def test_tokenizer_without_tokenizers_backend_is_refused():
+    vocab_only = {"<|endoftext|>": 0, "a": 1}  # e.g. a vocabulary dict instead of a tokenizer
+    with pytest.raises(TypeError, match="needs a fast tokenizer.*got dict"):
+        add_engram(tiny("llama"), vocab_only, **SMALL)
