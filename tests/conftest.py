@@ -58,3 +58,17 @@ def mini_cache(tmp_path_factory):
     tok_path = cache / "tok512.json"
     train_corpus_tokenizer(corpus, 512, tok_path, max_bytes=2_000_000)
     return cache
+
+
+@pytest.fixture(scope="session")
+def stdlib_bpe():
+    """A 512-id byte-level BPE trained on real text (three stdlib modules' source), in well under a second;
+    ``<|endoftext|>`` is id 0. For tests whose models must stay small."""
+    import argparse
+    import inspect
+    import pathlib
+    import textwrap
+
+    from engram.data.bpe import train_bpe
+
+    return train_bpe([pathlib.Path(m.__file__).read_text() for m in (argparse, inspect, textwrap)], 512)
