@@ -40,7 +40,7 @@ def test_every_subcommand_has_a_readme_example():
     subs = {shlex.split(line)[1] for line in readme_examples()}
     assert subs == {"hash", "data", "train", "eval", "generate", "gates", "bench", "demo"}
     benches = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "bench"}
-    assert benches == {"hashing", "lookup", "step", "train"}
+    assert benches == {"hashing", "lookup", "step", "train", "optim"}
 
 
 @pytest.mark.slow

@@ -112,7 +112,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = ("hashing", "lookup", "step", "train")
+BENCHES = ("hashing", "lookup", "step", "train", "optim")
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -7,8 +7,8 @@ group                  optimiser            lr           weight decay
 =====================  ===================  ===========  ==============================================
 ``backbone_decay``     AdamW                lr           ``weight_decay`` (matrices: ndim >= 2, not an
                                                          ``nn.Embedding`` weight)
-``backbone_no_decay``  AdamW                lr           0 (norms, biases, any 1-D tensor, token
-                                                         embeddings, tied heads)
+``backbone_no_decay``  AdamW                lr           0 (norms, also per-branch [M, D] ones, biases,
+                                                         any 1-D tensor, token embeddings, tied heads)
 ``backbone_muon``      Muon (opt-in)        lr           ``weight_decay`` (2-D hidden matrices)
 ``engram_tables``      ``SparseRowAdam``    lr * 5       0 (paper: Adam, lr x5, no decay)
 =====================  ===================  ===========  ==============================================
@@ -392,12 +392,15 @@ def build_optimizers(
         raise ValueError(f"{len(stray)} table parameter(s) are not trainable parameters of the model")
     table_ids = {id(p) for p in table_params}
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # norm gains are scales, not matrices, even when stacked per branch ([M, D]); mHC biases likewise
+    no_decay_ids = {id(q) for m in model.modules() if "Norm" in type(m).__name__ for q in m.parameters(recurse=False)}
+    no_decay_ids |= {id(q) for n, q in named if n.rsplit(".", 1)[-1].startswith("bias")}
 
     decay, no_decay, muon = [], [], []
     for n, p in named:
         if id(p) in table_ids:
             continue
-        is_matrix = p.ndim >= 2 and id(p) not in embedding_ids
+        is_matrix = p.ndim >= 2 and id(p) not in embedding_ids and id(p) not in no_decay_ids
         if backbone == "muon" and is_matrix and p.ndim == 2 and not adamw_only(n, p):
             muon.append(p)
         elif is_matrix:
