@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from engram.bench.common import format_table
+from engram.report import format_table
 from engram.data import (
     IGNORE_INDEX, Packing, TokenDataset, load_tokenizer, prepare, prepare_tokens, train_corpus_tokenizer,
 )

@@ -10,7 +10,8 @@ import torch
 
 from engram.allocation import allocate, count
 from engram.config import EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig, PRESET_NAMES, preset
-from engram.model import EngramLM, build_model, sample_next
+from engram.infer import generate, sample_next
+from engram.model import EngramLM, build_model
 
 DECODE_TOL = dict(atol=2e-4, rtol=2e-4)  # fp32: chunked vs full attention differ by reduction order only
 
@@ -129,7 +130,7 @@ def test_prefill_then_decode_equals_forward():
 def test_generate_greedy_matches_argmax_of_forward():
     m = randomise(build_model(VARIANTS["engram-moe"]))
     prompts = [[3, 4, 5], [7, 8]]
-    out = m.generate(prompts, max_new_tokens=4, temperature=0.0)
+    out = generate(m, prompts, max_new_tokens=4, temperature=0.0)
     for p, gen in zip(prompts, out):
         seq = list(p)
         for tok in gen:
@@ -138,7 +139,7 @@ def test_generate_greedy_matches_argmax_of_forward():
             assert nxt == tok
             seq.append(tok)
     with pytest.raises(ValueError, match="prompt 0 is empty"):
-        m.generate([[]], 3)
+        generate(m, [[]], 3)
 
 
 def test_sample_next_top_k_top_p():
@@ -148,7 +149,7 @@ def test_sample_next_top_k_top_p():
     assert picks == {1}
     picks = {int(sample_next(logits, 1.0, None, 0.5, g)) for _ in range(50)}
     assert picks == {1}
-    from engram.model import check_sampling
+    from engram.infer import check_sampling
 
     check_sampling(0, 0.0, 1, 1.0)
     for bad in ((1, -1.0, None, None), (1, float("inf"), None, None), (1, 1.0, 0, None), (1, 1.0, None, 0.0),
@@ -284,11 +285,11 @@ def test_bad_configs_and_inputs():
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):
         m(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(TypeError, match="integers, got 1.5"):
-        m.generate([[1, 1.5]], 2)
+        generate(m, [[1, 1.5]], 2)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        m.generate([[1, 2]], -1)
+        generate(m, [[1, 2]], -1)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        m.generate([[1], []], 2)
+        generate(m, [[1], []], 2)
     assert m(torch.zeros(0, 4, dtype=torch.long)).logits.shape == (0, 4, 97)
 
 

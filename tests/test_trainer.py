@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from engram.config import TrainConfig, preset
-from engram.train.checkpoint import CheckpointError, latest_checkpoint
-from engram.train.commands import evaluate_run, generate_text
-from engram.train.trainer import load_run, train
+from engram.checkpoint import CheckpointError, latest_checkpoint
+from engram.infer import evaluate_run, generate_text, load_run
+from engram.train.trainer import train
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +95,7 @@ def test_a_model_under_another_hash_layout_is_refused_naming_fields(trained):
     import dataclasses
 
     from engram.model import build_model
-    from engram.train.checkpoint import load_checkpoint
+    from engram.checkpoint import load_checkpoint
 
     run, res = trained
     cfg = res.model.cfg

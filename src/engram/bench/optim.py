@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engram.bench.common import format_table, time_pair
+from engram.bench.common import time_pair
+from engram.report import format_table
 from engram.train.optim import SparseRowAdam
 
 QUICK = dict(rows=(10_000, 200_000), lookups=4096, pool=3000, repeats=3)

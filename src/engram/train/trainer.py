@@ -8,7 +8,7 @@ A run directory holds:
     compression.safetensors  the tokenizer compression map (raw id -> canonical id)
     metrics.jsonl          one record per logged step / evaluation
     loss.png               the loss curve
-    checkpoints/step_*/    atomic checkpoints (see engram.train.checkpoint); ``latest`` names the newest
+    checkpoints/step_*/    atomic checkpoints (see engram.checkpoint); ``latest`` names the newest
 
 ``train(..., resume=True)`` continues from the newest complete checkpoint bit-exactly: model, optimizer
 (sparse table state included), loader position and RNG states are restored; metrics past the
@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from engram.config import ModelConfig, TrainConfig, diff_configs, from_dict, to_dict, with_defaults
+from engram.config import ModelConfig, TrainConfig, diff_configs, to_dict, with_defaults
 from engram.data.bpe import eot_id, load_tokenizer, save_tokenizer, tokenizer_fingerprint, train_corpus_tokenizer
 from engram.data.corpora import CORPORA, default_cache_dir, prepare
 from engram.data.loader import EvalLoader, TrainLoader
@@ -38,17 +38,15 @@ from engram.data.shards import TokenDataset, prepare_tokens
 from engram.io import RunLock, atomic_write, atomic_write_json
 from engram.model import EngramLM, build_model
 from engram.tokenizer import CompressionMap
-from engram.train.checkpoint import CONFIG_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+from engram.checkpoint import CONFIG_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+from engram.infer.evaluate import evaluate
+from engram.infer.run import (CHECKPOINTS, COMPRESSION_FILE, LOSS_PNG, METRICS_FILE, RUN_CONFIG, TOKENIZER_FILE,
+                              read_config_json)
+from engram.runtime import autocast
 from engram.train.metrics import JsonlWriter, plot_loss_curves, read_jsonl
 from engram.train.optim import EngramOptimizer, build_optimizers
 from engram.train.schedule import build_schedule
 
-RUN_CONFIG = "config.json"
-COMPRESSION_FILE = "compression.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
-METRICS_FILE = "metrics.jsonl"
-LOSS_PNG = "loss.png"
-CHECKPOINTS = "checkpoints"
 Resume = bool | Literal["auto"]
 
 
@@ -60,11 +58,6 @@ class RunData:
     compression: CompressionMap
     datasets: dict[str, TokenDataset]
     model_cfg: ModelConfig  # the requested config, with vocab and pad ids taken from the tokenizer
-
-
-def autocast(dtype: str):
-    """bf16 autocast on CPU (about 3x faster here) or a no-op context for fp32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 def corpus_tokenizer(corpus_name: str, vocab_size: int, cache_dir: Path, max_bytes: int | None, corpus=None):
@@ -119,29 +112,6 @@ def _resume_key(cfg: dict[str, Any]) -> dict[str, Any]:
     (a missing field takes its default, which keeps the old behaviour)."""
     train = {k: v for k, v in with_defaults(TrainConfig, cfg["train"]).items() if k not in _RESUMABLE_CHANGES}
     return {"model": with_defaults(ModelConfig, cfg["model"]), "train": train, "tokenizer": cfg["tokenizer"]}
-
-
-@torch.no_grad()
-def evaluate(model: EngramLM, loader: EvalLoader, dtype: str = "bf16") -> dict[str, float]:
-    """Mean next-token loss (nats) over the loader's tokens, and perplexity. Batches without any target
-    (all masked) contribute nothing and are counted in ``empty_batches``."""
-    was_training = model.training
-    model.eval()
-    total, n, empty = 0.0, 0, 0
-    for batch in loader:
-        k = int((batch.targets != -100).sum())
-        if k == 0:
-            empty += 1
-            continue
-        with autocast(dtype):
-            out = model(batch.ids, batch.segment_ids, batch.hash_ids, batch.targets, return_logits=False)
-        total += float(out.ce_loss) * k
-        n += k
-    model.train(was_training)
-    if n == 0:
-        raise ValueError(f"nothing to evaluate: all {len(loader)} batches have only masked targets")
-    loss = total / n
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n, "empty_batches": empty}
 
 
 @dataclass
@@ -229,7 +199,7 @@ def _start_or_resume(run: _Run, resume: Resume) -> None:
     """Restore the newest checkpoint (resume) or start a fresh run; then write the run's files."""
     latest = latest_checkpoint(run.ckpt_root)
     if resume and latest is not None:
-        saved = _read_run_json(latest / CONFIG_FILE)
+        saved = read_config_json(latest / CONFIG_FILE)
         diffs = diff_configs(_resume_key(saved), _resume_key(run.config))
         if diffs:
             raise ValueError("cannot resume: the run was started with another configuration: " + "; ".join(diffs))
@@ -255,7 +225,7 @@ def _train_step(run: _Run, sched) -> dict[str, Any]:
     """One optimizer step on the next batch; returns its metrics record (without evaluation)."""
     batch = next(run.loader)
     run.opt.set_lr_factor(sched(run.step))
-    with autocast(run.tcfg.dtype):
+    with autocast(run.tcfg.dtype, batch.ids.device):
         out = run.model(batch.ids, batch.segment_ids, batch.hash_ids, batch.targets, return_logits=False)
     out.loss.backward()
     gnorm = _clip(run.model, run.tcfg.grad_clip)
@@ -342,48 +312,3 @@ def _progress(enabled: bool, start: int, total: int, label: str | None):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, desc=label or "train", unit="step", dynamic_ncols=True)
-
-
-# ------------------------------------------------------------------------------------------- loading
-
-
-@dataclass
-class LoadedRun:
-    model: EngramLM
-    tokenizer: Any
-    compression: CompressionMap
-    config: dict[str, Any]
-    step: int
-
-
-def _read_run_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: not a complete engram run") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a valid JSON config: {e}") from None
-
-
-def load_run(path: str | Path, step_dir: str | Path | None = None) -> LoadedRun:
-    """Load a trained model for evaluation or generation from a run directory (or one checkpoint)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no run at {path}: not a directory")
-    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
-    ck_dir = Path(step_dir) if step_dir is not None else latest_checkpoint(root)
-    if ck_dir is None:
-        if (path / "manifest.json").is_file():
-            ck_dir = path
-        else:
-            raise FileNotFoundError(f"no checkpoint under {path}")
-    config = _read_run_json(ck_dir / RUN_CONFIG)
-    try:
-        model_cfg = from_dict(ModelConfig, config["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{ck_dir / RUN_CONFIG}: not a valid model config: {e}") from None
-    tok = load_tokenizer(ck_dir / TOKENIZER_FILE)
-    cmap = CompressionMap.load(ck_dir / COMPRESSION_FILE)
-    model = build_model(model_cfg, cmap.lookup)
-    ck = load_checkpoint(ck_dir, model, None, expected_config=config, restore_rng=False)
-    return LoadedRun(model.eval(), tok, cmap, config, ck.step)

@@ -26,8 +26,8 @@ from torch import nn
 import engram
 from engram import io as eio
 from engram.layers.norms import RMSNorm
-from engram.train import checkpoint as ckpt
-from engram.train.checkpoint import (
+from engram import checkpoint as ckpt
+from engram.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
@@ -137,8 +137,8 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_train_checkpoint import _fresh, _train, CONFIG, FINGERPRINT
-        from engram.train.checkpoint import load_checkpoint, save_checkpoint
+        from test_checkpoint import _fresh, _train, CONFIG, FINGERPRINT
+        from engram.checkpoint import load_checkpoint, save_checkpoint
         from engram.train.schedule import WarmupCosine
         sched = WarmupCosine(total_steps=10, warmup_steps=2)
         if sys.argv[1] == "first":
@@ -168,8 +168,8 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_train_checkpoint import _fresh, CONFIG
-from engram.train.checkpoint import save_checkpoint
+from test_checkpoint import _fresh, CONFIG
+from engram.checkpoint import save_checkpoint
 model, opt = _fresh(0)
 save_checkpoint(sys.argv[1], 1, model, opt, CONFIG, {{"tokens_seen": 1}})
 with __import__("torch").no_grad():
