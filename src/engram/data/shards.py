@@ -211,6 +211,8 @@ class TokenDataset:
             raise ShardError(f"{index_path}: not valid JSON: {e}{fix}") from e
         if not isinstance(self.index, dict) or self.index.get("format") != INDEX_FORMAT:
             raise ShardError(f"{index_path}: not a token index of format {INDEX_FORMAT}{fix}")
+        if "checksum" not in self.index:
+            raise ShardError(f"{index_path}: has no checksum (written by an older engram){fix}")
         if self.index.get("checksum") != _index_checksum(self.index):
             raise ShardError(f"{index_path}: checksum mismatch: the index was changed or corrupted{fix}")
         self.shards: list[Shard] = []
