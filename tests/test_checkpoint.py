@@ -26,6 +26,7 @@ from torch import nn
 import engram
 from engram import io as eio
 from engram.layers.norms import RMSNorm
+from engram.memory.table import EngramTable
 from engram import checkpoint as ckpt
 from engram.checkpoint import (
     CheckpointError,
@@ -40,6 +41,7 @@ from engram.train.schedule import WarmupStepDecay
 
 CONFIG = {"model": {"d_model": 8, "table_sizes": [97, 101], "layers": [1]}, "train": {"lr": 1e-2, "seed": 0}}
 FINGERPRINT = "hash-layout-v1:abc123"
+TABLE_FILE = "table.table.rows-0-200.safetensors"  # StandIn's one table, saved as one row range
 
 
 class StandIn(nn.Module):
@@ -49,7 +51,7 @@ class StandIn(nn.Module):
                  table_dtype: torch.dtype = torch.float32, extra_layer: bool = False) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
-        self.table = nn.Embedding(rows, d, sparse=True, dtype=table_dtype)
+        self.table = EngramTable([rows // 2, rows - rows // 2], d, table_dtype, name="table")
         self.norm = RMSNorm(d)
         self.proj = nn.Linear(d, d)
         self.lm_head = nn.Linear(d, vocab, bias=False)
@@ -63,8 +65,8 @@ class StandIn(nn.Module):
     def hash_fingerprint(self) -> str | None:  # what EngramLM reports for its hash layout
         return self.fingerprint
 
-    def engram_table_parameters(self) -> list[nn.Parameter]:
-        return [self.table.weight]
+    def memory_tables(self) -> dict[str, EngramTable]:
+        return {"table": self.table}
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # x (B, T), ids (B, T, H)
         h = self.tok(x) + self.table(ids).float().sum(-2)  # (B, T, D)
@@ -75,8 +77,8 @@ class StandIn(nn.Module):
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Draws from torch, numpy and python RNGs, so resume must restore all three."""
     x = torch.randint(0, 32, (3, 10))
-    ids = torch.from_numpy(np.random.randint(0, 200, size=(3, 10, 2)))
-    ids[0, random.randrange(10)] = step % 200
+    ids = torch.from_numpy(np.random.randint(0, 100, size=(3, 10, 2)))
+    ids[0, random.randrange(10)] = step % 100
     return x, ids
 
 
@@ -184,7 +186,7 @@ def test_sigkill_during_write_leaves_previous_checkpoint_loadable(tmp_path):
     root = tmp_path / "ck"
     (tmp_path / "kill.py").write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "PYTHONPATH": str(Path(engram.__file__).parent.parent),
-           eio.FAULTS_ENV: f"checkpoint.file:{ckpt.TABLES_FILE}=kill@2"}  # dies after the 2nd save's tables
+           eio.FAULTS_ENV: f"checkpoint.file:{TABLE_FILE}=kill@2"}  # dies after the 2nd save's tables
     proc = subprocess.run([sys.executable, str(tmp_path / "kill.py"), str(root)], capture_output=True, text=True,
                           env=env, timeout=120)
     assert "DONE2" not in proc.stdout
@@ -201,7 +203,7 @@ def test_sigkill_during_write_leaves_previous_checkpoint_loadable(tmp_path):
     assert not list(root.glob(".tmp-*"))  # ... and the next save removes it (its writer is dead)
 
 
-@pytest.mark.parametrize("failing", [ckpt.MODEL_FILE, ckpt.TABLES_FILE, ckpt.OPTIM_FILE, ckpt.MANIFEST_FILE])
+@pytest.mark.parametrize("failing", [ckpt.MODEL_FILE, TABLE_FILE, ckpt.OPTIM_FILE, ckpt.MANIFEST_FILE])
 def test_disk_full_keeps_previous_checkpoint_and_raises_clearly(tmp_path, monkeypatch, failing):
     root = tmp_path / "ck"
     model, opt = _fresh(0)
@@ -279,7 +281,7 @@ def test_refuses_missing_unexpected_and_misshaped_keys(tmp_path):
     with pytest.raises(CheckpointError, match=r"unexpected keys \['extra.bias', 'extra.weight'\]"):
         load_checkpoint(tmp_path / "big", model, None, CONFIG)
     wide, _ = _fresh(0, rows=300)
-    with pytest.raises(CheckpointError, match=r"table.weight: saved \(200, 8\) != model \(300, 8\)"):
+    with pytest.raises(CheckpointError, match=r"another table layout .*head_sizes: \[100, 100\] != \[150, 150\]"):
         load_checkpoint(tmp_path, wide, None, CONFIG)
     with pytest.raises(CheckpointError, match="no optimizer state"):
         load_checkpoint(tmp_path / "big", bigger, build_optimizers(bigger, lr=1e-3), CONFIG)
@@ -289,7 +291,7 @@ def test_refuses_missing_unexpected_and_misshaped_keys(tmp_path):
 def test_corrupt_or_truncated_files_are_named(tmp_path, damage):
     model, opt = _fresh(0)
     path = save_checkpoint(tmp_path, 1, model, opt, CONFIG)
-    victim = path / ckpt.TABLES_FILE
+    victim = path / TABLE_FILE
     data = bytearray(victim.read_bytes())
     if damage == "truncate":
         victim.write_bytes(bytes(data[: len(data) // 2]))
@@ -299,10 +301,10 @@ def test_corrupt_or_truncated_files_are_named(tmp_path, damage):
     else:
         data[:8] = (10**12).to_bytes(8, "little")  # header length far past the end of the file
         victim.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=ckpt.TABLES_FILE):
+    with pytest.raises(CheckpointError, match=TABLE_FILE):
         load_checkpoint(tmp_path, model, opt, CONFIG)
     if damage == "garble_header":  # without the checksum pass, safetensors itself rejects it, still named
-        with pytest.raises(CheckpointError, match=f"{ckpt.TABLES_FILE} is truncated or corrupt"):
+        with pytest.raises(CheckpointError, match=f"{TABLE_FILE} is truncated or corrupt"):
             load_checkpoint(tmp_path, model, opt, CONFIG, verify=False)
 
 
@@ -317,7 +319,8 @@ def test_table_split_tied_weights_buffers_and_extra_files(tmp_path):
     })
     import safetensors.torch as st
 
-    assert set(st.load_file(path / ckpt.TABLES_FILE)) == {"table.weight"}
+    rows = st.load_file(path / TABLE_FILE)
+    assert set(rows) == {"weight"} and torch.equal(rows["weight"], model.table.weight)  # no step yet: no moments
     backbone = st.load_file(path / ckpt.MODEL_FILE)
     assert "table.weight" not in backbone and "expert_bias" in backbone
     assert ("tok.weight" in backbone) != ("lm_head.weight" in backbone)  # tied weight stored once
@@ -333,16 +336,6 @@ def test_table_split_tied_weights_buffers_and_extra_files(tmp_path):
     with pytest.raises(TypeError, match="JSON-serialisable"):
         save_checkpoint(tmp_path / "ck", 8, model, opt, CONFIG, trainer_state={"t": torch.zeros(1)})
     assert [d.name for d in list_checkpoints(tmp_path / "ck")] == ["step_00000007"]
-
-
-def test_is_table_predicate_overrides_model_hook(tmp_path):
-    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 4))
-    opt = build_optimizers(model, lr=1e-3, table_params=[model[0].weight])
-    assert isinstance(opt.optimizers["tables"], SparseRowAdam)
-    path = save_checkpoint(tmp_path, 0, model, opt, {}, is_table=lambda k: k.startswith("0."))
-    import safetensors.torch as st
-
-    assert set(st.load_file(path / ckpt.TABLES_FILE)) == {"0.weight"}
 
 
 # ---------------------------------------------------------------------------------------- io
@@ -418,3 +411,35 @@ def test_manifest_file_names_must_be_plain(tmp_path):
         (path / ckpt.MANIFEST_FILE).write_text(json.dumps(m))
         with pytest.raises(CheckpointError, match="plain names"):
             load_checkpoint(tmp_path, model, opt, CONFIG)
+
+
+# ------------------------------------------------------------------------------------ old formats
+
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "run_v1"  # written by format 1 (tables.safetensors)
+
+
+def test_a_format_1_checkpoint_still_loads_and_resaves_as_format_2(tmp_path):
+    """A run saved before tables moved into row-range files: same logits, its optimizer state resumes, and
+    saved again (format 2) it round-trips exactly."""
+    from engram.infer import load_run
+    from engram.train.optim import build_optimizers
+
+    run = load_run(FIXTURE_V1)
+    want = torch.load(FIXTURE_V1 / "expected_logits.pt", weights_only=True)
+    assert torch.equal(run.model(want["ids"]).logits, want["logits"])
+    model = run.model.train()
+    opt = build_optimizers(model, lr=1e-3)
+    load_checkpoint(run.checkpoint, model, opt, None, restore_rng=False)
+    table = model.memory_tables()["engram.1"]
+    state = opt.param_state(table.weight)
+    assert state["step"] == 3 and state["exp_avg"].abs().sum() > 0  # the table's moments came along
+    path = save_checkpoint(tmp_path, 3, model, opt, {})
+    assert json.loads((path / ckpt.MANIFEST_FILE).read_text())["format_version"] == 2
+    again, opt2 = load_run(FIXTURE_V1).model.train(), None
+    opt2 = build_optimizers(again, lr=1e-3)
+    load_checkpoint(path, again, opt2, None, restore_rng=False)
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    for k, v in state.items():
+        got = opt2.param_state(again.memory_tables()["engram.1"].weight)[k]
+        assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v, k

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.layers.norms import RMSNorm
+from engram.memory.table import EngramTable
 from engram.train.optim import (
     TABLE_GROUP,
     EngramOptimizer,
@@ -33,13 +34,13 @@ class StandIn(nn.Module):
     def __init__(self, vocab: int = 40, rows: int = 300, d: int = 8) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
-        self.table = nn.Embedding(rows, d, sparse=True)
+        self.table = EngramTable([rows // 2, rows - rows // 2], d, name="table")
         self.norm = RMSNorm(d)
         self.proj = nn.Linear(d, d)
         self.lm_head = nn.Linear(d, vocab, bias=False)
 
-    def engram_table_parameters(self) -> list[nn.Parameter]:
-        return [self.table.weight]
+    def memory_tables(self) -> dict[str, EngramTable]:
+        return {"table": self.table}
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # x (B, T), ids (B, T, H)
         h = self.tok(x) + self.table(ids).sum(-2)  # (B, T, D)
@@ -307,7 +308,7 @@ def test_build_optimizers_every_param_in_exactly_one_group():
 
 def test_engram_optimizer_trains_stand_in_and_round_trips_state():
     torch.manual_seed(7)
-    x, ids = torch.randint(0, 40, (4, 12)), torch.randint(0, 300, (4, 12, 2))
+    x, ids = torch.randint(0, 40, (4, 12)), torch.randint(0, 150, (4, 12, 2))
     model = StandIn()
     opt = build_optimizers(model, lr=1e-2)
     losses = []
@@ -364,7 +365,7 @@ def test_muon_descends_and_build_optimizers_routes_matrices():
     names = {id(p): n for n, p in model.named_parameters()}
     assert [names[id(p)] for p in groups["backbone_muon"]["params"]] == ["proj.weight"]
     assert [names[id(p)] for p in groups["backbone_decay"]["params"]] == ["lm_head.weight"]
-    x, ids = torch.randint(0, 40, (2, 5)), torch.randint(0, 300, (2, 5, 2))
+    x, ids = torch.randint(0, 40, (2, 5)), torch.randint(0, 150, (2, 5, 2))
     F.cross_entropy(model(x, ids).flatten(0, 1), x.flatten()).backward()
     eo.step()
     sd = copy.deepcopy(eo.state_dict())

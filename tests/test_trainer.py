@@ -45,7 +45,7 @@ def test_training_writes_a_complete_run(trained):
         assert (run / f).is_file(), f
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ck = latest_checkpoint(run / "checkpoints")
-    assert ck.name == "step_00000012" and (ck / "tables.safetensors").is_file()
+    assert ck.name == "step_00000012" and len(list(ck.glob("table.engram.1.rows-0-*.safetensors"))) == 1
     layout = json.loads((ck / "hash_layout.json").read_text())
     assert layout["layers"] == [1] and layout["pad_id"] == 0  # the separator <|endoftext|> is the pad
 
@@ -125,7 +125,7 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted(mini_cache, t
     io fault hook) resumes to the same losses as an uninterrupted run."""
     _, full = trained
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ENGRAM_FAULTS": "checkpoint.file:tables.safetensors=kill@2"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ENGRAM_FAULTS": "checkpoint.file:table.engram.1.*=kill@2"}
     cmd = [sys.executable, "-m", "engram.cli", "train", "--preset", "debug", "--tokenizer", str(mini_cache / "tok512.json"),
            "--steps", "12", "--batch-size", "4", "--seq-len", "64", "--eval-every", "6", "--ckpt-every", "4",
            "--eval-batches", "2", "--warmup-steps", "2", "--cache-dir", str(mini_cache), "--out", str(run), "--no-progress"]

@@ -2,9 +2,13 @@
 
 Layout of ``<root>/step_00001000/``::
 
-    model.safetensors    backbone weights (and every non-table tensor of ``model.state_dict()``)
-    tables.safetensors   Engram tables (keys chosen by ``is_table`` or ``model.engram_table_parameters()``)
-    optimizer.pt         ``optimizer.state_dict()`` (torch.save; loaded with ``weights_only=True``)
+    model.safetensors    backbone weights (every tensor of ``model.state_dict()`` but the tables')
+    table.<name>.rows-<start>-<stop>.safetensors
+                         row-range files, one per table (``model.memory_tables()``) here: the rows
+                         [start, stop) as "weight" and, beside them, the optimizer's row state for them
+                         ("exp_avg", "exp_avg_sq", ...; scalars such as "step" in the metadata), so a
+                         sharded run saves each shard's range and any world size can read any range
+    optimizer.pt         the optimizer's state without the tables' (torch.save; loaded weights_only)
     rng.pt               python ``random``, numpy global and torch (CPU + CUDA) RNG states
     trainer.json         {"step": int, "trainer": caller's dict (tokens seen, loader position, metrics)}
     config.json          the run's config dict, checked on load
@@ -30,6 +34,9 @@ Guarantees:
   * One writer per root. Saving weights holds a serialised copy of each safetensors file in memory.
 
 Tied weights (one tensor under two state-dict keys) are stored once and re-aliased on load.
+
+Format versions: 2 (row-range table files, above); 1 (every table in ``tables.safetensors`` and its state
+inside optimizer.pt) still loads.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import safetensors.torch
@@ -52,10 +59,14 @@ from torch import nn
 
 from engram import io as eio
 from engram.config import diff_configs
+from engram.memory import memory_tables
+from engram.memory.layout import TableLayout, TableLayoutError
+from engram.memory.store import ReadOnlyTableError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MODEL_FILE = "model.safetensors"
-TABLES_FILE = "tables.safetensors"
+TABLES_FILE = "tables.safetensors"  # format 1 only
 OPTIM_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 TRAINER_FILE = "trainer.json"
@@ -154,24 +165,27 @@ def _model_layout(model: nn.Module) -> dict[str, Any] | None:
     return getter() if getter is not None else None
 
 
-def _table_keys(model: nn.Module, is_table: Callable[[str], bool] | None, keys: list[str]) -> set[str]:
-    if is_table is not None:
-        return {k for k in keys if is_table(k)}
-    getter = getattr(model, "engram_table_parameters", None)
-    if getter is None:
-        return set()
-    ids = {id(p) for p in getter()}
-    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
+def _tables(model: nn.Module) -> dict[str, tuple[str, Any]]:
+    """Memory tables by name -> (state-dict key of their rows, the table); refuses a read-only tier."""
+    keys = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    out = {}
+    for name, table in memory_tables(model).items():
+        if not table.trainable:
+            raise ReadOnlyTableError(f"table {name!r} lives on the read-only {table.tier} tier; a checkpoint "
+                                     "needs every table's rows in memory (place it on the device or host tier)")
+        out[name] = (keys[id(table.weight)], table)
+    return out
 
 
-def _split_state(model: nn.Module, is_table: Callable[[str], bool] | None):
-    """state_dict -> (backbone tensors, table tensors, aliases {key: stored key}), all CPU + contiguous."""
+def _split_state(model: nn.Module, table_keys: set[str]):
+    """state_dict without the tables -> (tensors, aliases {key: stored key}), all CPU + contiguous."""
     sd = model.state_dict()
-    tables = _table_keys(model, is_table, list(sd))
     stored: dict[tuple, str] = {}
     seen_storage: set[int] = set()
-    backbone, table, aliases = {}, {}, {}
+    backbone, aliases = {}, {}
     for k, t in sd.items():
+        if k in table_keys:
+            continue
         t = t.detach()
         view = None
         if t.numel():
@@ -185,8 +199,30 @@ def _split_state(model: nn.Module, is_table: Callable[[str], bool] | None):
         if view is not None:
             stored[view] = k
             seen_storage.add(ptr)
-        (table if k in tables else backbone)[k] = t.cpu().contiguous()
-    return backbone, table, aliases
+        backbone[k] = t.cpu().contiguous()
+    return backbone, aliases
+
+
+def range_file_name(table: str, start: int, stop: int) -> str:
+    return f"table.{table}.rows-{start}-{stop}.safetensors"
+
+
+def _row_range_payload(table: Any, optimizer: Any | None, start: int, stop: int):
+    """A writer of rows [start, stop) and the optimizer's row state for them (moments stay beside rows)."""
+    w = table.weight.detach()
+    tensors = {"weight": w[start:stop].cpu().contiguous()}
+    scalars: dict[str, Any] = {}
+    state = optimizer.param_state(table.weight) if optimizer is not None and hasattr(optimizer, "param_state") else {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == w.shape[0]:
+            tensors[k] = v[start:stop].cpu().contiguous()
+        elif isinstance(v, torch.Tensor):
+            scalars[k] = v.item()
+        else:
+            scalars[k] = v
+    meta = {"table": table.layout.name, "start": str(start), "stop": str(stop), "rows": str(w.shape[0]),
+            "optimizer_scalars": json.dumps(scalars), "layout": json.dumps(table.layout.to_dict(), sort_keys=True)}
+    return lambda: safetensors.torch.save(tensors, metadata=meta)
 
 
 # --------------------------------------------------------------------------------------------- save
@@ -218,6 +254,13 @@ def _remove_stale_temps(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _optimizer_state(optimizer: Any, table_params: list) -> Any:
+    """The optimizer's state without the tables' per-row state (that lives in the row-range files)."""
+    if hasattr(optimizer, "param_state"):
+        return optimizer.state_dict(without=table_params)
+    return optimizer.state_dict()
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -226,7 +269,6 @@ def save_checkpoint(
     config: Mapping[str, Any],
     trainer_state: Mapping[str, Any] | None = None,
     *,
-    is_table: Callable[[str], bool] | None = None,
     extra_files: Mapping[str, bytes | os.PathLike | Mapping[str, Any]] | None = None,
     keep_last: int | None = 3,
 ) -> Path:
@@ -234,8 +276,8 @@ def save_checkpoint(
 
     ``optimizer`` is anything with ``state_dict()`` (an ``EngramOptimizer``) or None. ``trainer_state``
     and ``config`` must be JSON-serialisable. ``extra_files`` maps a plain file name to bytes, a path to
-    copy, or a dict written as JSON. Tables are the keys ``is_table(key)`` accepts, else the model's
-    ``engram_table_parameters()``. The model's hash layout (if it has one) is recorded from the model.
+    copy, or a dict written as JSON. Tables (``model.memory_tables()``) go into row-range files with
+    their optimizer state. The model's hash layout (if it has one) is recorded from the model.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -249,7 +291,9 @@ def save_checkpoint(
     # serialise the small things first so a bad value fails before anything is written
     config_bytes = _json_bytes(dict(config), "config")
     trainer_bytes = _json_bytes({"step": int(step), "trainer": dict(trainer_state or {})}, "trainer_state")
-    backbone, tables, aliases = _split_state(model, is_table)
+    tables = _tables(model)
+    backbone, aliases = _split_state(model, {key for key, _ in tables.values()})
+    table_params = [t.weight for _, t in tables.values()]
     fingerprint, layout = model_fingerprint(model), _model_layout(model)
     if layout is not None:
         extra_files[HASH_LAYOUT_FILE] = layout
@@ -267,11 +311,16 @@ def save_checkpoint(
             (CONFIG_FILE, config_bytes),
             (TRAINER_FILE, trainer_bytes),
             (MODEL_FILE, lambda: safetensors.torch.save(backbone, metadata=meta)),
-            (TABLES_FILE, lambda: safetensors.torch.save(tables, metadata={"format": "pt"})),
             (RNG_FILE, lambda: (lambda f: torch.save(_rng_state(), f))),
         ]
+        table_files = {}
+        for tname, (key, table) in tables.items():
+            fname = range_file_name(tname, 0, table.num_rows)
+            table_files[tname] = {"key": key, "rows": table.num_rows, "ranges": [[0, table.num_rows, fname]],
+                                  "layout": table.layout.to_dict()}
+            payloads.append((fname, _row_range_payload(table, optimizer, 0, table.num_rows)))
         if optimizer is not None:
-            payloads.append((OPTIM_FILE, lambda: (lambda f: torch.save(optimizer.state_dict(), f))))
+            payloads.append((OPTIM_FILE, lambda: (lambda f: torch.save(_optimizer_state(optimizer, table_params), f))))
         for fname, value in extra_files.items():
             if isinstance(value, (bytes, bytearray)):
                 payloads.append((fname, bytes(value)))
@@ -292,7 +341,7 @@ def save_checkpoint(
             "format_version": FORMAT_VERSION,
             "step": int(step),
             "fingerprint": fingerprint,
-            "table_keys": sorted(tables),
+            "tables": table_files,
             "aliases": aliases,
             "extra_files": sorted(extra_files),
             "files": files,
@@ -387,6 +436,63 @@ def _normalise(d: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(d)))  # tuples -> lists, as in the saved JSON
 
 
+def _table_modules(model: nn.Module) -> dict[str, tuple[str, Any]]:
+    """Memory tables by name -> (state-dict key of their rows, table), whatever their tier."""
+    path_of = {id(m): n for n, m in model.named_modules()}
+    return {name: (f"{path_of[id(t)]}.weight", t) for name, t in memory_tables(model).items()}
+
+
+def _load_tables(path: Path, manifest: Mapping[str, Any], model: nn.Module):
+    """(state-dict tensors of the model's in-memory tables, [(parameter, optimizer row state)])."""
+    own = _table_modules(model)
+    on_disk = {key for key, t in own.values() if not t.trainable}
+    if manifest.get("format_version") == 1:
+        tensors, _ = _load_safetensors(path / TABLES_FILE)
+        return {k: v for k, v in tensors.items() if k not in on_disk}, []
+    saved = manifest.get("tables", {})
+    unknown = sorted(set(saved) - set(own))
+    if unknown:
+        raise CheckpointError(f"checkpoint {path} holds tables {unknown} this model does not have")
+    tensors, states = {}, []
+    for name, (key, table) in own.items():
+        if not table.trainable:
+            continue
+        if name not in saved:
+            raise CheckpointError(f"checkpoint {path} has no rows for table {name!r}")
+        try:
+            table.layout.check_same_rows(TableLayout.from_dict(saved[name]["layout"]), f"checkpoint {path}")
+        except TableLayoutError as e:
+            raise CheckpointError(str(e)) from None
+        rows, scalars = read_table_rows(path, saved[name], 0, table.num_rows)
+        tensors[key] = rows.pop("weight")
+        if rows or scalars:
+            states.append((table.weight, {**scalars, **rows}))
+    return tensors, states
+
+
+def read_table_rows(path: Path, entry: Mapping[str, Any], start: int, stop: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Rows [start, stop) of one table (weight and optimizer row state) from whichever row-range files
+    of checkpoint ``path`` cover them; refuses gaps and overlaps. Returns (tensors, optimizer scalars)."""
+    ranges = sorted((int(a), int(b), f) for a, b, f in entry["ranges"])
+    covered, parts, scalars = start, [], {}
+    for a, b, fname in ranges:
+        if b <= covered or a >= stop:
+            continue
+        if a > covered:
+            raise CheckpointError(f"checkpoint {path}: rows [{covered}, {a}) of table {entry.get('key')} are in no file")
+        tensors, meta = _load_safetensors(path / fname)
+        lo, hi = covered - a, min(b, stop) - a
+        parts.append({k: v[lo:hi] for k, v in tensors.items()})
+        scalars = json.loads(meta.get("optimizer_scalars", "{}"))
+        covered = min(b, stop)
+    if covered < stop:
+        raise CheckpointError(f"checkpoint {path}: rows [{covered}, {stop}) of table {entry.get('key')} are in no file")
+    keys = set(parts[0]) if parts else {"weight"}
+    if any(set(p) != keys for p in parts):
+        raise CheckpointError(f"checkpoint {path}: row-range files of table {entry.get('key')} hold different tensors")
+    return {k: torch.cat([p[k] for p in parts]) for k in keys}, scalars
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -411,9 +517,9 @@ def load_checkpoint(
             raise FileNotFoundError(f"no checkpoint at {path} (no {MANIFEST_FILE}, no complete step_* directory)")
         path = found
     manifest = _read_json(path / MANIFEST_FILE)
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path}: checkpoint format {manifest.get('format_version')} != supported {FORMAT_VERSION}"
+            f"{path}: checkpoint format {manifest.get('format_version')}; this engram reads {READABLE_VERSIONS}"
         )
 
     # 1. files: plain names, present, full length, unchanged
@@ -441,9 +547,9 @@ def load_checkpoint(
     fingerprint = manifest.get("fingerprint")
     _check_hash_layout(path, manifest, model)
 
-    # 3. weights: exactly the model's keys and shapes
+    # 3. weights: exactly the model's keys and shapes (tables on a read-only tier keep their own rows)
     backbone, meta = _load_safetensors(path / MODEL_FILE)
-    tables, _ = _load_safetensors(path / TABLES_FILE)
+    tables, table_states = _load_tables(path, manifest, model)
     sd = {**backbone, **tables}
     for k, src in json.loads(meta.get("engram_aliases", "{}")).items():
         if src not in sd:
@@ -473,6 +579,8 @@ def load_checkpoint(
     model.load_state_dict(sd, strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(opt_state)
+        for param, state in table_states:
+            optimizer.load_param_state(param, state)
     if rng is not None:
         _set_rng_state(rng)
     return LoadedCheckpoint(
@@ -494,4 +602,6 @@ __all__ = [
     "latest_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
+    "range_file_name",
+    "read_table_rows",
 ]

@@ -92,16 +92,18 @@ class Block(nn.Module):
         conv_state: ConvState | None = None,
         lengths: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        rows_BTHD: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         gate = None
         if self.engram is not None:
             if self.hc_engram is None:  # per-branch gating, output added to every stream
-                y_BTMD, gate = self.engram(x_BTMD, hash_ids_BTH, segment_ids, conv_state, lengths, token_mask)
+                y_BTMD, gate = self.engram(x_BTMD, hash_ids_BTH, segment_ids, conv_state, lengths, token_mask,
+                                           rows_BTHD)
                 x_BTMD = x_BTMD + y_BTMD.to(x_BTMD.dtype)
             else:  # single fusion after the pre-mapping
                 h_BTD, st = self.hc_engram.pre(x_BTMD)
                 y_BT1D, gate = self.engram(h_BTD.unsqueeze(2), hash_ids_BTH, segment_ids, conv_state, lengths,
-                                           token_mask)
+                                           token_mask, rows_BTHD)
                 x_BTMD = self.hc_engram.post(y_BT1D[:, :, 0], x_BTMD, st)
         h_BTD, st = self.hc_attn.pre(x_BTMD)
         a_BTD = self.attn(self.attn_norm(h_BTD), segment_ids if cache is None else None, cache, lengths)
@@ -114,14 +116,13 @@ class Block(nn.Module):
 class OverEncoding(nn.Module):
     """Baseline: hashed n-gram embeddings (same hasher) averaged with the token embedding at the input."""
 
-    def __init__(self, head_sizes: list[int], d_model: int) -> None:
+    def __init__(self, head_sizes: list[int], d_model: int, hash_layout: dict | None = None) -> None:
         super().__init__()
-        self.table = EngramTable(head_sizes, d_model)
+        self.table = EngramTable(head_sizes, d_model, name="overencoding", hash_layout=hash_layout)
 
     def reset_parameters(self, std: float) -> None:
-        with torch.no_grad():
-            if self.table.weight.device.type != "meta":
-                self.table.weight.normal_(0.0, std)
+        self.table.init_std = std
+        self.table.reset_parameters()
 
     def forward(self, x_BTD: torch.Tensor, hash_ids_BTH: torch.Tensor) -> torch.Tensor:
         rows_BTHD = self.table(hash_ids_BTH)
@@ -150,7 +151,7 @@ class EngramLM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
         self.overencoding = None
         if cfg.overencoding is not None:
-            self.overencoding = OverEncoding(self.hasher.head_sizes(self.hasher.layers[0]), D)
+            self.overencoding = OverEncoding(self.hasher.head_sizes(self.hasher.layers[0]), D, self.hasher.layout())
         self.blocks = nn.ModuleList(self._build_block(i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
@@ -174,7 +175,8 @@ class EngramLM(nn.Module):
         engram = None
         e = cfg.engram
         if e is not None and i in e.layers:
-            engram = build_engram_layer(e, cfg.d_model, cfg.hc_mult, self.hasher.head_sizes(i))
+            engram = build_engram_layer(e, cfg.d_model, cfg.hc_mult, self.hasher.head_sizes(i), f"engram.{i}",
+                                        self.hasher.layout())
         return Block(attn, ffn, cfg.hc_mult, cfg.sinkhorn_iters, engram, e is not None and e.gate == "single")
 
     # ------------------------------------------------------------------------------------------ init
@@ -216,14 +218,13 @@ class EngramLM(nn.Module):
     def engram_layers(self) -> dict[int, EngramLayer]:
         return {i: b.engram for i, b in enumerate(self.blocks) if b.engram is not None}
 
-    def table_parameters(self) -> list[nn.Parameter]:
-        """Engram (and OverEncoding) table weights: Adam, lr x5, no weight decay, sparse updates."""
-        params = [layer.table.weight for layer in self.engram_layers().values()]
+    def memory_tables(self) -> dict[str, EngramTable]:
+        """Every hashed-memory table by its layout name ("engram.<block>", "overencoding"): the one
+        accessor the optimizer, checkpoints, accounting and tier placement use."""
+        out = {layer.table.layout.name: layer.table for layer in self.engram_layers().values()}
         if self.overencoding is not None:
-            params.append(self.overencoding.table.weight)
-        return params
-
-    engram_table_parameters = table_parameters
+            out[self.overencoding.table.layout.name] = self.overencoding.table
+        return out
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
@@ -311,10 +312,12 @@ class EngramLM(nn.Module):
         return_gates: bool = False,
         return_logits: bool = True,
         token_mask: torch.Tensor | None = None,
+        memory_rows: dict[int, torch.Tensor] | None = None,
     ) -> ModelOutput:
         """ids [B, T]; segment ids [B, T] for packed documents; hash ids [B, T, L, H] (computed when
         absent; precomputed ones must have been hashed with the same ``token_mask``); targets [B, T] with
-        -100 = ignore; token_mask [B, T] bool, True = real token (module docstring)."""
+        -100 = ignore; token_mask [B, T] bool, True = real token (module docstring); memory_rows: block ->
+        its Engram rows [B, T, H, Dh] gathered ahead of time (a prefetcher's; no gradient reaches them)."""
         self._check_ids(ids)
         if self.hasher is not None:
             if hash_ids is None:
@@ -326,7 +329,8 @@ class EngramLM(nn.Module):
         gates: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
             h_ids = hash_ids[:, :, layer_slot[i]] if i in layer_slot else None
-            x, gate = blk(x, segment_ids, h_ids, token_mask=token_mask)
+            rows = memory_rows.get(i) if memory_rows else None
+            x, gate = blk(x, segment_ids, h_ids, token_mask=token_mask, rows_BTHD=rows)
             if gate is not None and return_gates:
                 gates[i] = gate
         logits = self._head(x)
@@ -358,21 +362,25 @@ class EngramLM(nn.Module):
         state: DecodeState,
         lengths: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        hash_ids: torch.Tensor | None = None,
+        memory_rows: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Consume a chunk [B, T] (row b's first ``lengths[b]`` tokens are real; default all), updating
         ``state``; returns logits [B, T, V]. Prefill is one chunk; a decode step is a chunk with T = 1
-        and lengths = 1 for active rows, 0 for finished ones. ``token_mask`` [B, T] as in ``forward``."""
+        and lengths = 1 for active rows, 0 for finished ones. ``token_mask`` [B, T] as in ``forward``.
+        ``hash_ids`` / ``memory_rows``: what a prefetcher computed ahead for this chunk (``hash_ids`` must
+        come from ``self.hasher.step`` on this state, which then is not advanced again here)."""
         self._check_ids(ids, past=int(state.lengths.max()) if state.lengths.numel() else 0)
         B, T = ids.shape
         lengths = torch.full((B,), T, dtype=torch.int64, device=ids.device) if lengths is None else lengths.long()
-        hash_ids = None
-        if self.hasher is not None:
+        if self.hasher is not None and hash_ids is None:
             hash_ids = self.hasher.step(ids, state.hash_state, lengths, check=False, token_mask=token_mask)
         layer_slot = {layer: j for j, layer in enumerate(self.hasher.layers)} if self.cfg.engram else {}
         x = self._embed(ids, hash_ids)
         for i, blk in enumerate(self.blocks):
             h_ids = hash_ids[:, :, layer_slot[i]] if i in layer_slot else None
-            x, _ = blk(x, None, h_ids, state.caches[i], state.conv_states.get(i), lengths, token_mask)
+            rows = memory_rows.get(i) if memory_rows else None
+            x, _ = blk(x, None, h_ids, state.caches[i], state.conv_states.get(i), lengths, token_mask, rows)
         state.lengths += lengths
         return self._head(x)
 
@@ -390,15 +398,7 @@ class EngramLM(nn.Module):
         the routed experts it does not select and less the memory tables (a lookup touches a handful
         of rows: counted as sparse, like the paper).
         """
-        groups = dict.fromkeys(
-            ["embedding", "lm_head", "attention", "dense_ffn", "moe_routed", "moe_shared", "moe_router",
-             "engram_tables", "engram_dense", "overencoding_tables", "hyper_connections", "norms"], 0)
-        seen: set[int] = set()
-        for name, p in self.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            groups[_group_of(name)] += p.numel()
+        groups = parameter_groups(self)
         routed_active = 0
         for moe in self.moe_layers():
             n = sum(getattr(moe, k).numel() for k in ("experts_w1", "experts_w2", "experts_w3"))
@@ -419,7 +419,8 @@ class EngramLM(nn.Module):
         return {"forward": float(fwd), "train": float(3 * fwd)}
 
     def table_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.table_parameters())
+        """Bytes of every table's rows in their training dtype, wherever they live."""
+        return sum(t.layout.nbytes for t in self.memory_tables().values())
 
 
 def _in_range(ids: torch.Tensor, n: int) -> bool:
@@ -435,37 +436,59 @@ def masked_cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> 
     return total / (targets_BT != -100).sum().clamp_min(1)
 
 
-def _group_of(name: str) -> str:
-    if name.startswith("tok_emb."):
+PARAM_GROUPS = ("embedding", "lm_head", "attention", "dense_ffn", "moe_routed", "moe_shared", "moe_router",
+                "engram_tables", "engram_dense", "overencoding_tables", "hyper_connections", "norms")
+_MOE_CHILDREN = {"router": "moe_router", "shared": "moe_shared"}
+
+
+def parameter_groups(model: EngramLM) -> dict[str, int]:
+    """Parameter count per group, classified by the type of the module that owns each parameter (not by
+    its name), raising on a parameter no rule covers. Tables count by their layout, wherever their rows
+    live (device, host, disk): accounting does not depend on placement."""
+    groups = dict.fromkeys(PARAM_GROUPS, 0)
+    seen: set[int] = set()
+
+    def visit(mod: nn.Module, path: str, group: str | None) -> None:
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) in seen or isinstance(mod, EngramTable):  # tied weights count once; tables below
+                continue
+            seen.add(id(p))
+            if group is None:
+                raise TypeError(f"parameter accounting: no group for {path}{pname} of a {type(mod).__name__}")
+            groups[group] += p.numel()
+        for cname, child in mod.named_children():
+            visit(child, f"{path}{cname}.", _child_group(model, mod, cname, child, group))
+
+    visit(model, "", None)
+    for t in model.memory_tables().values():
+        groups["overencoding_tables" if t.layout.name == "overencoding" else "engram_tables"] += t.layout.num_params
+    return groups
+
+
+def _child_group(model: EngramLM, parent: nn.Module, name: str, child: nn.Module, inherited: str | None) -> str | None:
+    """The group of ``child``'s own parameters, from its type and where it sits."""
+    if child is model.tok_emb:
         return "embedding"
-    if name.startswith("lm_head."):
+    if child is model.lm_head:
         return "lm_head"
-    if name.startswith("overencoding."):
-        return "overencoding_tables"
-    if ".engram.table." in name:
-        return "engram_tables"
-    if ".engram." in name or ".hc_engram." in name:
+    if isinstance(parent, MoE):
+        return _MOE_CHILDREN.get(name)
+    if inherited is not None:  # inside an Engram layer, attention, MoE, ...: the whole subtree is that group
+        return inherited
+    if isinstance(child, EngramLayer) or (isinstance(child, HyperConnection) and name == "hc_engram"):
         return "engram_dense"
-    if ".attn." in name:
-        return "attention"
-    if ".hc_" in name:
-        return "hyper_connections"
-    if ".ffn.experts_w" in name:
-        return "moe_routed"
-    if ".ffn.shared." in name:
-        return "moe_shared"
-    if ".ffn.router." in name:
-        return "moe_router"
-    if ".ffn." in name:
-        return "dense_ffn"
-    return "norms"
+    kinds = ((OverEncoding, "overencoding_tables"), (Attention, "attention"), (MoE, "moe_routed"),
+             (SwiGLU, "dense_ffn"), (HyperConnection, "hyper_connections"), (RMSNorm, "norms"))
+    return next((g for kind, g in kinds if isinstance(child, kind)), None)
 
 
-def build_engram_layer(cfg: EngramConfig, d_model: int, hc_mult: int, head_sizes: list[int]) -> EngramLayer:
+def build_engram_layer(cfg: EngramConfig, d_model: int, hc_mult: int, head_sizes: list[int], name: str = "table",
+                       hash_layout: dict | None = None) -> EngramLayer:
     """One Engram layer (table + fusion) as ``cfg`` describes it, for a backbone of width ``d_model`` with
-    ``hc_mult`` streams; ``head_sizes`` are the layer's prime table sizes (``NgramHasher.head_sizes``)."""
+    ``hc_mult`` streams; ``head_sizes`` are the layer's prime table sizes (``NgramHasher.head_sizes``),
+    ``name`` and ``hash_layout`` go into the table's layout (what its rows mean)."""
     n_branches = 1 if cfg.gate == "single" else hc_mult
-    table = EngramTable(head_sizes, cfg.d_head, cfg.table_dtype, cfg.table_init_std)
+    table = EngramTable(head_sizes, cfg.d_head, cfg.table_dtype, cfg.table_init_std, name=name, hash_layout=hash_layout)
     fusion = EngramFusion(
         cfg.d_mem, d_model, n_branches, cfg.kernel_size if cfg.use_conv else None, cfg.dilation, cfg.signed_sqrt,
         bias=cfg.proj_bias, gate_eps=cfg.gate_norm_eps, conv_eps=cfg.conv_norm_eps, use_gate=cfg.use_gate,

@@ -249,7 +249,9 @@ class EngramLayer(nn.Module):
         conv_state: ConvState | None = None,
         lengths: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        rows_BTHD: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Y [B, T, M, D], alpha [B, T, M]); hash ids of masked positions should hash as padding."""
-        e_BTE = self.retrieve(hash_ids_BTH)
+        """(Y [B, T, M, D], alpha [B, T, M]); hash ids of masked positions should hash as padding.
+        ``rows_BTHD``: this layer's rows gathered ahead of time (by a prefetcher); None gathers them here."""
+        e_BTE = rows_BTHD.flatten(-2) if rows_BTHD is not None else self.retrieve(hash_ids_BTH)
         return self.fusion(h_BTMD, e_BTE, segment_ids, conv_state, lengths, token_mask)

@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import nn
 
+from engram.memory import trainable_table_parameters
+
 TABLE_GROUP = "engram_tables"
 
 
@@ -335,8 +337,33 @@ class EngramOptimizer:
         """Current learning rate per group name."""
         return {g["name"]: g["lr"] for g in self.param_groups}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()}}
+    def state_dict(self, without: Iterable[torch.Tensor] = ()) -> dict[str, Any]:
+        """Every member's state dict; the per-parameter state of ``without`` (tables whose moments a
+        checkpoint stores beside their rows) is left out."""
+        skip = {id(p) for p in without}
+        out = {}
+        for k, opt in self.optimizers.items():
+            sd = opt.state_dict()
+            params = [p for g in opt.param_groups for p in g["params"]]
+            sd["state"] = {i: st for i, st in sd["state"].items() if id(params[i]) not in skip}
+            out[k] = sd
+        return {"optimizers": out}
+
+    def param_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """The state one parameter has in whichever member optimizes it ({} before its first step)."""
+        for opt in self.optimizers.values():
+            if any(q is p for g in opt.param_groups for q in g["params"]):
+                return dict(opt.state.get(p, {}))
+        raise KeyError("parameter is not optimized by this EngramOptimizer")
+
+    def load_param_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """Restore one parameter's state (tensors moved to the parameter's device, dtypes kept)."""
+        for opt in self.optimizers.values():
+            if any(q is p for g in opt.param_groups for q in g["params"]):
+                opt.state[p] = {k: v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                                for k, v in state.items()}
+                return
+        raise KeyError("parameter is not optimized by this EngramOptimizer")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["optimizers"]
@@ -374,16 +401,15 @@ def build_optimizers(
 ) -> EngramOptimizer:
     """The paper's split: backbone AdamW (or Muon) at ``lr``, Engram tables ``SparseRowAdam`` at lr x5, wd 0.
 
-    Tables are ``table_params`` if given, else ``model.engram_table_parameters()`` if the model has it,
-    else none. With ``backbone="muon"``, 2-D matrices that are neither embeddings nor ``adamw_only``
+    Tables are ``table_params`` if given, else the rows of ``model.memory_tables()`` (a table on a
+    read-only tier is refused by name), else none. With ``backbone="muon"``, 2-D matrices that are neither embeddings nor ``adamw_only``
     (default: names containing ``lm_head``) go to Muon; the rest stay on AdamW.
     Raises ``ValueError`` naming any trainable parameter that would land in no group or in two.
     """
     if backbone not in ("adamw", "muon"):
         raise ValueError(f"backbone must be 'adamw' or 'muon', got {backbone!r}")
     if table_params is None:
-        getter = getattr(model, "engram_table_parameters", None)
-        table_params = list(getter()) if getter is not None else []
+        table_params = trainable_table_parameters(model)
     table_params = [p for p in table_params if p.requires_grad]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     name_of = {id(p): n for n, p in named}
