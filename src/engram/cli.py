@@ -7,6 +7,7 @@
     engram eval      loss / perplexity of a checkpoint on a corpus or file
     engram generate  sample text from a checkpoint
     engram gates     Engram gate per token of a text
+    engram tables    a run's tables as row files: export, info, verify, check
     engram demo      the end-to-end demo (baseline MoE vs Engram-MoE)
 """
 
@@ -21,7 +22,7 @@ from engram.analysis.commands import add_gates_parser
 from engram.argtypes import POS_INT
 from engram.bench.commands import add_bench_parser
 from engram.data.commands import add_data_parser
-from engram.infer.commands import add_infer_parsers
+from engram.infer.commands import add_infer_parsers, add_tables_parser
 from engram.train.commands import add_train_parser
 
 
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_train_parser(sub)
     add_infer_parsers(sub)
+    add_tables_parser(sub)
     add_gates_parser(sub)
 
     d = sub.add_parser("demo", help="train tiny MoE and tiny Engram-MoE side by side on `mini` and compare")

@@ -38,6 +38,7 @@ from engram.layers.ffn import SwiGLU
 from engram.layers.hyper import HyperConnection, expand_streams, reduce_streams
 from engram.layers.moe import MoE
 from engram.layers.norms import RMSNorm
+from engram.memory.store import Placement
 from engram.memory.table import EngramTable
 
 
@@ -496,19 +497,26 @@ def build_engram_layer(cfg: EngramConfig, d_model: int, hc_mult: int, head_sizes
     return EngramLayer(table, fusion)
 
 
-def build_model(cfg: ModelConfig, lookup=None, device: torch.device | str | None = None) -> EngramLM:
+def build_model(cfg: ModelConfig, lookup=None, device: torch.device | str | None = None,
+                placement: Placement | None = None) -> EngramLM:
     """Build a model and initialise every tensor once; on ``device='meta'`` only shapes exist (no memory).
 
     Built on the meta device, materialised with ``to_empty`` and initialised by ``init_weights``: leaf
     modules' own constructor-time init would otherwise fill every tensor (multi-GB tables too) twice.
+    ``placement`` puts the tables on a tier before anything is materialised, so a table served from
+    disk never occupies memory.
     """
     with torch.device("meta"):
         model = EngramLM(cfg, lookup)
+    if placement is not None and placement.tier == "disk":
+        placement.apply(model.memory_tables())
     if device is not None and torch.device(device).type == "meta":
         return model
     model = model.to_empty(device=device if device is not None else "cpu")
     model.tie_weights()
     model.init_weights()
+    if placement is not None and placement.tier != "disk":
+        placement.apply(model.memory_tables())
     return model
 
 

@@ -15,6 +15,7 @@ from engram.data.corpora import Document, default_cache_dir, prepare
 from engram.data.loader import Batch, EvalLoader
 from engram.data.shards import TokenDataset, prepare_tokens, tokenize_documents, write_token_dataset
 from engram.infer.run import load_run
+from engram.memory.store import Placement
 from engram.model import EngramLM
 from engram.runtime import autocast
 
@@ -61,9 +62,9 @@ def read_text_file(path: str | Path) -> str:
 
 def evaluate_run(run: str | Path, corpus: str | None = None, file: str | Path | None = None, batches: int | None = 32,
                  batch_size: int = 8, seq_len: int | None = None, cache_dir: str | Path | None = None,
-                 loaded=None) -> dict[str, Any]:
-    """Loss and perplexity of a trained run on a corpus's held-out split or on a text file. ``loaded``: an
-    already loaded run (e.g. with its tables on another tier) instead of loading ``run``."""
+                 placement: Placement | None = None) -> dict[str, Any]:
+    """Loss and perplexity of a trained run on a corpus's held-out split or on a text file, its tables on
+    ``placement``'s tier (default: in memory)."""
     if (corpus is None) == (file is None):
         raise ValueError("give exactly one of --corpus NAME or --file PATH")
     if batches is not None and batches < 1:
@@ -72,7 +73,7 @@ def evaluate_run(run: str | Path, corpus: str | None = None, file: str | Path | 
         if v is not None and v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     text = read_text_file(file) if file is not None else None
-    lr = loaded if loaded is not None else load_run(run)
+    lr = load_run(run, placement=placement)
     T = seq_len or lr.config["train"]["seq_len"]
     if T > lr.model.cfg.max_seq_len:
         raise ValueError(f"sequence length {T} exceeds the model's context of {lr.model.cfg.max_seq_len} tokens")

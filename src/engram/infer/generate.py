@@ -15,6 +15,7 @@ import torch
 
 from engram.data.bpe import eot_id
 from engram.infer.run import load_run
+from engram.memory.store import Placement
 from engram.model import EngramLM
 
 
@@ -67,10 +68,10 @@ def generate(
 
 
 def generate_text(run, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = 50,
-                  top_p: float | None = None, seed: int | None = 0, loaded=None) -> str:
-    """Continue ``prompt`` with a trained run (``loaded``: an already loaded run, e.g. on another table tier)."""
+                  top_p: float | None = None, seed: int | None = 0, placement: Placement | None = None) -> str:
+    """Continue ``prompt`` with a trained run, its tables on ``placement``'s tier (default: in memory)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    lr = loaded if loaded is not None else load_run(run)
+    lr = load_run(run, placement=placement)
     eot = eot_id(lr.tokenizer)
     ids = [eot] + lr.tokenizer.encode(prompt).ids  # the separator opens every training document
     out = generate(lr.model, [ids], max_new_tokens, temperature, top_k, top_p, eos_id=eot, seed=seed)[0]

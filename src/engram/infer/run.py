@@ -18,6 +18,7 @@ from typing import Any
 
 from engram.checkpoint import latest_checkpoint, load_checkpoint
 from engram.config import ModelConfig, from_dict
+from engram.memory.store import Placement
 from engram.model import EngramLM, build_model
 from engram.tokenizer import CompressionMap, load_tokenizer
 
@@ -63,8 +64,10 @@ def find_checkpoint(path: str | Path) -> Path:
     return ck_dir
 
 
-def load_run(path: str | Path, step_dir: str | Path | None = None) -> LoadedRun:
-    """Load a trained model for evaluation or generation from a run directory (or one checkpoint)."""
+def load_run(path: str | Path, step_dir: str | Path | None = None, placement: Placement | None = None) -> LoadedRun:
+    """Load a trained model for evaluation or generation from a run directory (or one checkpoint), its
+    tables on ``placement``'s tier (default: in memory on the device). On the disk tier the table rows
+    come from the row files (exported from this run: their layout is checked) and are never loaded."""
     ck_dir = Path(step_dir) if step_dir is not None else find_checkpoint(path)
     config = read_config_json(ck_dir / RUN_CONFIG)
     try:
@@ -73,6 +76,6 @@ def load_run(path: str | Path, step_dir: str | Path | None = None) -> LoadedRun:
         raise ValueError(f"{ck_dir / RUN_CONFIG}: not a valid model config: {e}") from None
     tok = load_tokenizer(ck_dir / TOKENIZER_FILE)
     cmap = CompressionMap.load(ck_dir / COMPRESSION_FILE)
-    model = build_model(model_cfg, cmap.lookup)
+    model = build_model(model_cfg, cmap.lookup, placement=placement)
     ck = load_checkpoint(ck_dir, model, None, expected_config=config, restore_rng=False)
     return LoadedRun(model.eval(), tok, cmap, config, ck.step, ck.path)

@@ -356,6 +356,8 @@ class RowFileReader:
         if ids.size and (ids.min() < 0 or ids.max() >= self.header.num_rows):
             bad = int(ids[(ids < 0) | (ids >= self.header.num_rows)][0])
             raise IndexError(f"row {bad} outside row file {self.path} ({self.header.num_rows} rows)")
+        if ids.size == 0:
+            return torch.empty(0, self.fmt.width, dtype=dtype)
         uniq, inv = np.unique(ids, return_inverse=True)  # sorted: reads follow the file
         rec = self._read_records(uniq)
         self._verify(rec, uniq)

@@ -149,4 +149,39 @@ class DiskStore(RowStore):
         self.reader.close()
 
 
-__all__ = ["DiskStore", "ReadOnlyTableError", "RowStore", "StoreStats", "TIERS", "TensorStore"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model's tables live: ``tier`` for every table; for "disk", ``directory`` holds one row file
+    per table (``rowfile_name``); ``io``/``threads``/``direct`` tune the disk reader."""
+
+    tier: str = "device"
+    directory: Path | None = None
+    io: str = "pread"
+    threads: int = 4
+    direct: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tier not in TIERS:
+            raise ValueError(f"unknown table tier {self.tier!r}; valid tiers: {', '.join(TIERS)}")
+        if self.tier == "disk" and self.directory is None:
+            raise ValueError("the disk tier needs a table directory (export one with `engram tables export`)")
+
+    def apply(self, tables: dict[str, Any]) -> None:
+        """Place every table (an ``EngramTable`` by name); disk files are opened and checked here."""
+        for name, table in tables.items():
+            if self.tier == "disk":
+                table.place("disk", Path(self.directory) / rowfile_name(name), io=self.io, threads=self.threads,
+                            direct=self.direct)
+            else:
+                table.place(self.tier)
+
+
+def rowfile_name(table: str) -> str:
+    """The row file of table ``table`` inside a table directory."""
+    return f"{table}.rows"
+
+
+__all__ = ["DiskStore", "Placement", "ReadOnlyTableError", "RowStore", "StoreStats", "TIERS", "TensorStore",
+           "rowfile_name"]
