@@ -38,9 +38,9 @@ def run_line(line: str, cwd: Path, cache: Path, timeout: int = 600) -> str:
 
 def test_every_subcommand_has_a_readme_example():
     subs = {shlex.split(line)[1] for line in readme_examples()}
-    assert subs == {"hash", "data", "train", "eval", "generate", "gates", "bench", "demo"}
+    assert subs == {"hash", "data", "train", "eval", "generate", "gates", "tables", "bench", "demo"}
     benches = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "bench"}
-    assert benches == {"hashing", "lookup", "step", "train", "optim"}
+    assert benches == {"hashing", "lookup", "step", "train", "optim", "storage"}
 
 
 @pytest.mark.slow

@@ -9,13 +9,13 @@ from typing import Callable
 
 def _benches() -> dict[str, tuple[Callable[..., dict], dict]]:
     """name -> (run function, its --quick keyword arguments). Imported when a benchmark runs, not at start-up."""
-    from engram.bench import hashing, lookup, optim, step, train
+    from engram.bench import hashing, lookup, optim, step, storage, train
 
-    mods = {"hashing": hashing, "lookup": lookup, "step": step, "train": train, "optim": optim}
+    mods = {"hashing": hashing, "lookup": lookup, "step": step, "train": train, "optim": optim, "storage": storage}
     return {name: (m.run, getattr(m, "QUICK", {})) for name, m in mods.items()}
 
 
-BENCHES = ("hashing", "lookup", "step", "train", "optim")
+BENCHES = ("hashing", "lookup", "step", "train", "optim", "storage")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -336,7 +336,7 @@ class RowFileReader:
         self._fd = os.open(self.path, flags)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)  # no 8 MiB read-ahead per miss
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="engram-rowfile") if io == "pread" else None
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="engram-rowfile")
         self._mm = None
         if io == "mmap":
             self._mm = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
@@ -380,10 +380,7 @@ class RowFileReader:
         fmt, C = self.fmt, self.fmt.record_size
         offs = record_offsets(fmt, self.header.data_offset, uniq)
         if self._mm is not None:
-            buf = np.frombuffer(self._mm, dtype=np.uint8)
-            rec = buf[offs[:, None] + np.arange(C)]
-            self.stats.bytes += rec.size
-            return rec
+            return self._mmap_records(offs)
         first = offs // PAGE
         span = fmt.pages_per_record
         need = np.unique(first if span == 1 else (first[:, None] + np.arange(span)).reshape(-1))
@@ -391,6 +388,31 @@ class RowFileReader:
         where = np.searchsorted(need, first)  # index of each record's first page in ``pages``
         flat = pages.reshape(-1)
         return flat[(where * PAGE + offs % PAGE)[:, None] + np.arange(C)]
+
+    def _mmap_records(self, offs: np.ndarray) -> np.ndarray:
+        """Records at ``offs`` copied out of the mapping by ``threads`` threads (numpy releases the GIL while
+        copying, so page faults of a cold file are served in parallel)."""
+        C = self.fmt.record_size
+        buf = np.frombuffer(self._mm, dtype=np.uint8)
+        out = np.empty((len(offs), C), np.uint8)
+        cols = np.arange(C)
+
+        def copy(sl: slice) -> None:
+            out[sl] = buf[offs[sl, None] + cols]
+
+        step = -(-len(offs) // self.threads)
+        for fut in [self._pool.submit(copy, slice(a, a + step)) for a in range(0, len(offs), step)]:
+            fut.result()
+        self.stats.pages += len(np.unique(offs // PAGE))
+        self.stats.bytes += out.size
+        return out
+
+    def drop_cache(self) -> None:
+        """Evict this file from the page cache (and this process's mapping of it): the next reads are
+        cold in this machine's memory. For benchmarks."""
+        if self._mm is not None and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def _read_pages(self, need: np.ndarray) -> np.ndarray:
         """Pages ``need`` (sorted, unique) -> uint8 [P, PAGE], runs of adjacent pages read in one call."""
