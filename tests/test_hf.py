@@ -215,7 +215,7 @@ def test_save_load_roundtrip_reproduces_logits(tok, cmap, tmp_path):
     with torch.no_grad():
         adapter.layers[1].table.weight.mul_(1.5)
     path = save_adapter(model, tmp_path / "adapter")
-    assert sorted(p.name for p in path.iterdir()) == ["engram_adapter.json", "fusion.safetensors", "tables.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["engram.1.rows", "engram_adapter.json", "fusion.safetensors"]
     fresh = copy.deepcopy(base)
     loaded = load_adapter(fresh, tok, path, compression=cmap)
     ids, mask = prompts(tok)
@@ -249,10 +249,10 @@ def test_load_refuses_another_tokenizer(tok, cmap, tmp_path):
 def test_load_refuses_corrupt_files(tok, cmap, tmp_path):
     _, model, _ = adapted("gpt2", tok, cmap, layers=(1,))
     path = save_adapter(model, tmp_path / "adapter")
-    blob = bytearray((path / "tables.safetensors").read_bytes())
+    blob = bytearray((path / "engram.1.rows").read_bytes())
     blob[-5] ^= 0xFF
-    (path / "tables.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(AdapterFileError, match="tables.safetensors is truncated or corrupt"):
+    (path / "engram.1.rows").write_bytes(bytes(blob))
+    with pytest.raises(AdapterFileError, match="engram.1.rows is truncated or corrupt"):
         load_adapter(tiny("gpt2"), tok, path, compression=cmap)
     with pytest.raises(AdapterFileError, match="not an Engram adapter"):
         load_adapter(tiny("gpt2"), tok, tmp_path, compression=cmap)

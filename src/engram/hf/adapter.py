@@ -325,7 +325,7 @@ def _resolve_config(config: EngramConfig | None, layers: Sequence[int] | None, s
 
 def _build_layer(cfg: EngramConfig, hasher: NgramHasher, index: int, d_model: int, device: torch.device) -> DecoderEngram:
     """One zero-initialised Engram layer: tables ~ N(0, init_std^2), value projection and conv at zero."""
-    built = build_engram_layer(cfg, d_model, 1, hasher.head_sizes(index))
+    built = build_engram_layer(cfg, d_model, 1, hasher.head_sizes(index), f"engram.{index}", hasher.layout())
     layer = DecoderEngram(built.table, built.fusion, index).to(device)
     layer.reset_parameters()
     with torch.no_grad():

@@ -33,13 +33,15 @@ from engram import io as eio
 from engram.config import EngramConfig, from_dict, to_dict
 from engram.hf.adapter import EngramAdapter, attach, engram_adapter, plan_adapter
 from engram.hf.identity import check_identity
-from engram.memory.table import check_layout
+from engram.memory.layout import TableLayout
+from engram.memory.rowfile import RowFileError, RowFileReader, write_rowfile
+from engram.memory.store import rowfile_name
+from engram.memory.table import EngramTable, check_layout
 from engram.model import build_engram_layer
 from engram.tokenizer import CompressionMap
 
 ADAPTER_FILE = "engram_adapter.json"
 FUSION_FILE = "fusion.safetensors"
-TABLES_FILE = "tables.safetensors"
 FORMAT = "engram-hf-adapter"
 FORMAT_VERSION = 1
 
@@ -51,33 +53,36 @@ class AdapterFileError(ValueError):
 # ------------------------------------------------------------------------------------------- tables
 
 
-def write_tables(directory: Path, tables: dict[int, torch.Tensor]) -> dict[str, Any]:
-    """Write every Engram layer's table into ``directory``; return the layout JSON's ``tables`` entry."""
-    tensors = {str(i): w.detach().to("cpu").contiguous() for i, w in tables.items()}
-    safetensors.torch.save_file(tensors, str(directory / TABLES_FILE), metadata={"format": "pt"})
-    with open(directory / TABLES_FILE, "rb") as f:
-        os.fsync(f.fileno())
-    return {
-        "format": "safetensors",
-        "file": TABLES_FILE,
-        "layers": {k: {"rows": int(t.shape[0]), "d_head": int(t.shape[1]), "dtype": str(t.dtype).removeprefix("torch.")}
-                   for k, t in tensors.items()},
-    }
+def write_tables(directory: Path, tables: dict[int, EngramTable]) -> dict[str, Any]:
+    """Write every Engram layer's table into ``directory`` as row files (engram.memory.rowfile: checked
+    records, the table layout with its hash layout in the header); return the layout JSON's ``tables`` entry."""
+    layers = {}
+    for i, table in tables.items():
+        w = table.weight.detach()
+        kind = "bf16" if w.dtype == torch.bfloat16 else "fp32"
+        write_rowfile(directory / rowfile_name(f"engram.{i}"), table.layout, lambda a, b: w[a:b].cpu(), kind)
+        layers[str(i)] = {"file": rowfile_name(f"engram.{i}"), "rows": table.num_rows, "d_head": table.d_head,
+                          "dtype": table.layout.dtype}
+    return {"format": "engram-rows", "layers": layers}
 
 
-def read_tables(directory: Path, entry: dict[str, Any]) -> dict[int, torch.Tensor]:
-    """The tables ``write_tables`` wrote, checked against the layout JSON's ``tables`` entry."""
-    if entry.get("format") != "safetensors":
+def read_tables(directory: Path, entry: dict[str, Any], expected: dict[int, TableLayout]) -> dict[int, torch.Tensor]:
+    """The tables ``write_tables`` wrote, every row checked, each file's layout against ``expected``."""
+    if entry.get("format") != "engram-rows":
         raise AdapterFileError(f"{directory}: table format {entry.get('format')!r} is not supported here")
-    tensors = _read_safetensors(directory / entry["file"])
-    if set(tensors) != set(entry["layers"]):
-        raise AdapterFileError(f"{directory / entry['file']}: tables {sorted(tensors)} != listed {sorted(entry['layers'])}")
-    for k, t in tensors.items():
-        want = entry["layers"][k]
-        got = {"rows": int(t.shape[0]), "d_head": int(t.shape[1]), "dtype": str(t.dtype).removeprefix("torch.")}
-        if got != want:
-            raise AdapterFileError(f"{directory / entry['file']}: table {k} is {got}, the layout says {want}")
-    return {int(k): t for k, t in tensors.items()}
+    if set(entry["layers"]) != {str(i) for i in expected}:
+        raise AdapterFileError(f"{directory}: tables for layers {sorted(entry['layers'])}, the adapter has "
+                               f"{sorted(str(i) for i in expected)}")
+    out = {}
+    for i, layout in expected.items():
+        path = directory / entry["layers"][str(i)]["file"]
+        dtype = torch.bfloat16 if layout.dtype == "bfloat16" else torch.float32
+        try:
+            with RowFileReader(path, expected=layout, io="mmap") as reader:
+                out[i] = torch.cat([rows for _, rows in reader.iter_rows(dtype=dtype)])
+        except (OSError, RowFileError) as e:
+            raise AdapterFileError(f"cannot read {path}: {e}") from None
+    return out
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -114,7 +119,7 @@ def _write_files(tmp: Path, adapter: EngramAdapter) -> None:
     with open(tmp / FUSION_FILE, "rb") as f:
         os.fsync(f.fileno())
     layout = _layout(adapter)
-    layout["tables"] = write_tables(tmp, {i: layer.table.weight for i, layer in adapter.layers.items()})
+    layout["tables"] = write_tables(tmp, {i: layer.table for i, layer in adapter.layers.items()})
     layout["files"] = {
         name: {"bytes": (tmp / name).stat().st_size, "sha256": eio.sha256_file(tmp / name)}
         for name in (FUSION_FILE, layout["tables"]["file"])
@@ -208,7 +213,9 @@ def load_adapter(
     check_layout(layout["hash_layout"], plan.hasher.layout())
     fusion = _read_safetensors(directory / FUSION_FILE)
     _check_fusion(fusion, config, int(plan.base.config.hidden_size), directory / FUSION_FILE)
-    tables = read_tables(directory, layout["tables"])
+    expected = {i: TableLayout(f"engram.{i}", plan.hasher.head_sizes(i), config.d_head, config.table_dtype,
+                               plan.hasher.layout()) for i in config.layers}
+    tables = read_tables(directory, layout["tables"], expected)
     want = {i: (plan.hasher.total_rows(i), config.d_head, config.table_dtype) for i in config.layers}
     got = {i: (int(t.shape[0]), int(t.shape[1]), str(t.dtype).removeprefix("torch.")) for i, t in tables.items()}
     if got != want:
@@ -222,7 +229,6 @@ __all__ = [
     "ADAPTER_FILE",
     "AdapterFileError",
     "FUSION_FILE",
-    "TABLES_FILE",
     "load_adapter",
     "read_layout",
     "read_tables",

@@ -285,6 +285,16 @@ def write_rowfile(
     return header
 
 
+def _records_view(buf: np.ndarray, fmt: RowFormat, n_pages: int) -> np.ndarray:
+    """The records in ``n_pages`` pages of ``buf`` as a strided view: [pages, per page, C] when records
+    are packed into pages, else [records, C]. Indexing it gathers records without building byte indices."""
+    C = fmt.record_size
+    if fmt.records_per_page:
+        return np.lib.stride_tricks.as_strided(buf, (n_pages, fmt.records_per_page, C), (PAGE, C, 1), writeable=False)
+    span = fmt.pages_per_record
+    return np.lib.stride_tricks.as_strided(buf, (n_pages // span, C), (span * PAGE, 1), writeable=False)
+
+
 def _pages(fmt: RowFormat, rec_NC: np.ndarray) -> bytes:
     """Records laid out in pages (each page's tail, or each record's last page, zero-padded)."""
     N, C = rec_NC.shape
@@ -377,33 +387,35 @@ class RowFileReader:
             )
 
     def _read_records(self, uniq: np.ndarray) -> np.ndarray:
-        fmt, C = self.fmt, self.fmt.record_size
+        fmt = self.fmt
         offs = record_offsets(fmt, self.header.data_offset, uniq)
         if self._mm is not None:
-            return self._mmap_records(offs)
+            return self._mmap_records(uniq)
         first = offs // PAGE
         span = fmt.pages_per_record
         need = np.unique(first if span == 1 else (first[:, None] + np.arange(span)).reshape(-1))
         pages = self._read_pages(need)
         where = np.searchsorted(need, first)  # index of each record's first page in ``pages``
-        flat = pages.reshape(-1)
-        return flat[(where * PAGE + offs % PAGE)[:, None] + np.arange(C)]
+        slot = (offs % PAGE) // fmt.record_size
+        return _records_view(pages.reshape(-1), fmt, len(need))[(where, slot) if fmt.records_per_page else where]
 
-    def _mmap_records(self, offs: np.ndarray) -> np.ndarray:
-        """Records at ``offs`` copied out of the mapping by ``threads`` threads (numpy releases the GIL while
-        copying, so page faults of a cold file are served in parallel)."""
-        C = self.fmt.record_size
-        buf = np.frombuffer(self._mm, dtype=np.uint8)
-        out = np.empty((len(offs), C), np.uint8)
-        cols = np.arange(C)
+    def _mmap_records(self, uniq: np.ndarray) -> np.ndarray:
+        """Records of rows ``uniq`` copied out of the mapping by ``threads`` threads (numpy releases the GIL
+        while copying, so the page faults of a cold file are served in parallel)."""
+        fmt = self.fmt
+        n_pages = (self.header.file_size - self.header.data_offset) // PAGE
+        view = _records_view(np.frombuffer(self._mm, np.uint8)[self.header.data_offset :], fmt, n_pages)
+        rpp = fmt.records_per_page
+        out = np.empty((len(uniq), fmt.record_size), np.uint8)
 
         def copy(sl: slice) -> None:
-            out[sl] = buf[offs[sl, None] + cols]
+            rows = uniq[sl]
+            out[sl] = view[rows // rpp, rows % rpp] if rpp else view[rows]
 
-        step = -(-len(offs) // self.threads)
-        for fut in [self._pool.submit(copy, slice(a, a + step)) for a in range(0, len(offs), step)]:
+        step = -(-len(uniq) // self.threads)
+        for fut in [self._pool.submit(copy, slice(a, a + step)) for a in range(0, len(uniq), step)]:
             fut.result()
-        self.stats.pages += len(np.unique(offs // PAGE))
+        self.stats.pages += len(np.unique(uniq // rpp)) if rpp else len(uniq) * fmt.pages_per_record
         self.stats.bytes += out.size
         return out
 
