@@ -1,7 +1,7 @@
 """The ``engram`` command line: thin subcommands over library functions.
 
     engram hash      inspect a hash layout and the hash ids of a text
-    engram bench     benchmarks (hashing, lookup, step, train)
+    engram bench     benchmarks (hashing, lookup, step, train, cache)
     engram data      prepare corpora, train a tokenizer
     engram train     train a model
     engram eval      loss / perplexity of a checkpoint on a corpus or file
@@ -112,7 +112,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = ("hashing", "lookup", "step", "train")
+BENCHES = ("hashing", "lookup", "step", "train", "cache")
 
 
 # ------------------------------------------------------------------------------------------------ main

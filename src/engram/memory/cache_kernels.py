@@ -16,7 +16,8 @@ State lives in arrays owned by the Python policy object:
                             position) or ADMIT (step admitted), KEY (Belady's next use)
     lists_K3 int64 [K, 3]   per list: head (least recent), tail (most recent), size
     free_C   int64 [C]      stack of free slots; meta[FREE_TOP] is its height
-    heap_C   int64 [C]      binary heap of slots (LFU: min by (count, stamp, row); Belady: max by (next, row))
+    heap_C3  int64 [C, 3]   binary min-heap of (key, tie, slot): LFU (count * 2^32 + stamp, row),
+                            Belady (-next use, -row)
     meta     int64 [8]      step counter, free-stack height, heap size, policy counters
 
 Legend: R table rows, C capacity (slots), U ids in a step, P protected ids, K lists, S steps, A accesses.
@@ -200,137 +201,121 @@ def lru_step(ids_U, prot_P, rows_RF, slots_CF, lists_K3, free_C, meta, hit_U, ad
 
 
 # ------------------------------------------------------------------------------------ LFU (+ aging)
+#
+# A binary min-heap of slots, each entry (k1, k2, slot) in heap_C3 with the key stored in the heap itself so
+# that sifting reads only the heap: LFU keys are (count * 2^32 + last step, row), Belady's (-next use, -row).
 
 
 @njit(cache=True)
-def _count(r, rows_RF, epoch):
-    """A row's frequency, halved once per aging epoch since it was last updated (lazy aging)."""
-    shift = epoch - rows_RF[r, EPOCH]
-    return rows_RF[r, CNT] >> min(shift, 31)
+def _heap_less(i, j, heap_C3):
+    if heap_C3[i, 0] != heap_C3[j, 0]:
+        return heap_C3[i, 0] < heap_C3[j, 0]
+    return heap_C3[i, 1] < heap_C3[j, 1]
 
 
 @njit(cache=True)
-def _lfu_less(a, b, slots_CF, rows_RF, epoch):
-    """Slot a before slot b in eviction order: lower count, then older stamp, then lower row id."""
-    ra, rb = slots_CF[a, ROW], slots_CF[b, ROW]
-    ca, cb = _count(ra, rows_RF, epoch), _count(rb, rows_RF, epoch)
-    if ca != cb:
-        return ca < cb
-    if rows_RF[ra, STAMP] != rows_RF[rb, STAMP]:
-        return rows_RF[ra, STAMP] < rows_RF[rb, STAMP]
-    return ra < rb
+def _heap_swap(i, j, heap_C3, slots_CF):
+    for c in range(3):
+        heap_C3[i, c], heap_C3[j, c] = heap_C3[j, c], heap_C3[i, c]
+    slots_CF[heap_C3[i, 2], HPOS] = i
+    slots_CF[heap_C3[j, 2], HPOS] = j
 
 
 @njit(cache=True)
-def _belady_less(a, b, slots_CF, rows_RF, epoch):
-    """Belady's heap is a max-heap on (next use, row): 'less' means evicted first."""
-    ka, kb = slots_CF[a, KEY], slots_CF[b, KEY]
-    if ka != kb:
-        return ka > kb
-    return slots_CF[a, ROW] > slots_CF[b, ROW]
-
-
-@njit(cache=True)
-def _heap_swap(i, j, heap_C, slots_CF):
-    a, b = heap_C[i], heap_C[j]
-    heap_C[i], heap_C[j] = b, a
-    slots_CF[b, HPOS] = i
-    slots_CF[a, HPOS] = j
-
-
-@njit(cache=True)
-def _sift_up(i, heap_C, slots_CF, rows_RF, epoch, belady):
+def _sift_up(i, heap_C3, slots_CF):
     while i > 0:
         p = (i - 1) // 2
-        a, b = heap_C[i], heap_C[p]
-        less = _belady_less(a, b, slots_CF, rows_RF, epoch) if belady else _lfu_less(a, b, slots_CF, rows_RF, epoch)
-        if not less:
-            break
-        _heap_swap(i, p, heap_C, slots_CF)
+        if not _heap_less(i, p, heap_C3):
+            return
+        _heap_swap(i, p, heap_C3, slots_CF)
         i = p
 
 
 @njit(cache=True)
-def _sift_down(i, n, heap_C, slots_CF, rows_RF, epoch, belady):
+def _sift_down(i, n, heap_C3, slots_CF):
     while True:
-        best, left = i, 2 * i + 1
-        for c in (left, left + 1):
-            if c < n:
-                a, b = heap_C[c], heap_C[best]
-                less = _belady_less(a, b, slots_CF, rows_RF, epoch) if belady else _lfu_less(a, b, slots_CF, rows_RF, epoch)
-                if less:
-                    best = c
+        best, c = i, 2 * i + 1
+        if c < n and _heap_less(c, best, heap_C3):
+            best = c
+        if c + 1 < n and _heap_less(c + 1, best, heap_C3):
+            best = c + 1
         if best == i:
             return
-        _heap_swap(i, best, heap_C, slots_CF)
+        _heap_swap(i, best, heap_C3, slots_CF)
         i = best
 
 
 @njit(cache=True)
-def _heap_push(s, heap_C, slots_CF, rows_RF, meta, belady):
+def _heap_push(s, k1, k2, heap_C3, slots_CF, meta):
     n = meta[HEAP_SIZE]
-    heap_C[n] = s
+    heap_C3[n, 0], heap_C3[n, 1], heap_C3[n, 2] = k1, k2, s
     slots_CF[s, HPOS] = n
     meta[HEAP_SIZE] = n + 1
-    _sift_up(n, heap_C, slots_CF, rows_RF, meta[EPOCH_NOW], belady)
+    _sift_up(n, heap_C3, slots_CF)
 
 
 @njit(cache=True)
-def _heap_remove(s, heap_C, slots_CF, rows_RF, meta, belady):
+def _heap_remove(s, heap_C3, slots_CF, meta):
     i = slots_CF[s, HPOS]
     n = meta[HEAP_SIZE] - 1
     meta[HEAP_SIZE] = n
     slots_CF[s, HPOS] = NIL
     if i == n:
         return
-    last = heap_C[n]
-    heap_C[i] = last
-    slots_CF[last, HPOS] = i
-    _sift_down(i, n, heap_C, slots_CF, rows_RF, meta[EPOCH_NOW], belady)
-    _sift_up(slots_CF[last, HPOS], heap_C, slots_CF, rows_RF, meta[EPOCH_NOW], belady)
+    for c in range(3):
+        heap_C3[i, c] = heap_C3[n, c]
+    slots_CF[heap_C3[i, 2], HPOS] = i
+    if i > 0 and _heap_less(i, (i - 1) // 2, heap_C3):
+        _sift_up(i, heap_C3, slots_CF)
+    else:
+        _sift_down(i, n, heap_C3, slots_CF)
 
 
 @njit(cache=True)
-def _heap_rebuild(heap_C, slots_CF, rows_RF, meta, belady):
-    n = meta[HEAP_SIZE]
-    for i in range(n // 2 - 1, -1, -1):
-        _sift_down(i, n, heap_C, slots_CF, rows_RF, meta[EPOCH_NOW], belady)
+def _heap_set(s, k1, k2, heap_C3, slots_CF, meta):
+    """Change slot s's key in place."""
+    i = slots_CF[s, HPOS]
+    heap_C3[i, 0], heap_C3[i, 1] = k1, k2
+    _sift_up(i, heap_C3, slots_CF)
+    _sift_down(slots_CF[s, HPOS], meta[HEAP_SIZE], heap_C3, slots_CF)
+
+
+CNT_MAX = (1 << 30) - 1
 
 
 @njit(cache=True)
-def _detach(s, heap_C, slots_CF, rows_RF, meta, held_H):
-    """Take a pinned slot out of the heap for the rest of the step (``held_H[0]`` counts held slots)."""
-    if slots_CF[s, HPOS] != NIL:
-        _heap_remove(s, heap_C, slots_CF, rows_RF, meta, False)
-        held_H[1 + held_H[0]] = s
-        held_H[0] += 1
+def _count(r, rows_RF, epoch):
+    """A row's frequency, halved once per aging epoch since it was last updated (lazy aging)."""
+    return rows_RF[r, CNT] >> min(epoch - rows_RF[r, EPOCH], 31)
 
 
 @njit(cache=True)
-def lfu_step(ids_U, prot_P, rows_RF, slots_CF, heap_C, free_C, meta, aging_period, held_H, hit_U, admit_U, evict_U,
+def _lfu_key(r, rows_RF, epoch):
+    """Eviction order: lower count first, then older last access (ties: lower row id, the heap's k2)."""
+    return np.int64(_count(r, rows_RF, epoch)) * (np.int64(1) << 32) + rows_RF[r, STAMP]
+
+
+@njit(cache=True)
+def lfu_step(ids_U, prot_P, rows_RF, slots_CF, heap_C3, free_C, meta, aging_period, held_H, hit_U, admit_U, evict_U,
              out_counts):
     """One step of LFU over the full access history, ties to the least recent, then the lowest row id.
 
     ``aging_period`` > 0 halves every row's count each time that many accesses have accumulated (lazily:
-    a row's count is shifted by the epochs it missed); 0 is plain LFU. Pinned rows leave the heap for the
-    step, so every heap pop is an evictable row. ``held_H`` is scratch of size >= U + P + 1.
+    a row's count is shifted by the epochs it missed); 0 is plain LFU. Pinned rows met at the top of the
+    heap are held out until the step ends, as are rows admitted in it. ``held_H``: scratch >= 2U + P + 1.
+
+    Hits do not touch the heap: between agings counts and stamps only grow, so a stored key is a lower
+    bound of the true one, and a top whose stored key is exact is the true minimum. A stale top is
+    re-keyed and sunk (at most once per hit), which is much cheaper than re-sifting on every hit.
     """
     if not _start(ids_U, rows_RF, hit_U, out_counts):
         return
     held_H[0] = 0
     epoch = meta[EPOCH_NOW]
-    for j in range(prot_P.shape[0]):  # before stamping: a protected row's key must not change in the heap
-        s = rows_RF[prot_P[j], SLOT]
-        if s != NIL:
-            _detach(s, heap_C, slots_CF, rows_RF, meta, held_H)
-    for i in range(ids_U.shape[0]):
-        s = rows_RF[ids_U[i], SLOT]
-        if s != NIL:
-            _detach(s, heap_C, slots_CF, rows_RF, meta, held_H)
-    _begin_step(ids_U, prot_P, rows_RF, meta)
+    step = _begin_step(ids_U, prot_P, rows_RF, meta)
     for i in range(ids_U.shape[0]):
         r = ids_U[i]
-        rows_RF[r, CNT] = min(_count(r, rows_RF, epoch) + 1, 0x7FFFFFFF)
+        rows_RF[r, CNT] = min(_count(r, rows_RF, epoch) + 1, CNT_MAX)
         rows_RF[r, EPOCH] = epoch
     for i in range(ids_U.shape[0]):
         if hit_U[i]:
@@ -338,16 +323,29 @@ def lfu_step(ids_U, prot_P, rows_RF, slots_CF, heap_C, free_C, meta, aging_perio
         r = ids_U[i]
         if meta[FREE_TOP] > 0:
             s = _take_free(free_C, meta)
-        elif meta[HEAP_SIZE] > 0:
-            s = heap_C[0]
-            _heap_remove(s, heap_C, slots_CF, rows_RF, meta, False)
+        else:
+            while meta[HEAP_SIZE] > 0:
+                top = heap_C3[0, 2]
+                v = slots_CF[top, ROW]
+                if _pinned(v, rows_RF, step):
+                    _heap_remove(top, heap_C3, slots_CF, meta)
+                    held_H[1 + held_H[0]] = top
+                    held_H[0] += 1
+                    continue
+                key = _lfu_key(v, rows_RF, epoch)
+                if heap_C3[0, 0] == key:
+                    break
+                heap_C3[0, 0] = key  # a stale (lower) key: fix it and let it sink
+                _sift_down(0, meta[HEAP_SIZE], heap_C3, slots_CF)
+            if meta[HEAP_SIZE] == 0:
+                out_counts[3] += 1
+                continue
+            s = heap_C3[0, 2]
+            _heap_remove(s, heap_C3, slots_CF, meta)
             v = slots_CF[s, ROW]
             rows_RF[v, SLOT] = NIL
             evict_U[out_counts[1]] = v
             out_counts[1] += 1
-        else:
-            out_counts[3] += 1
-            continue
         slots_CF[s, ROW] = r
         rows_RF[r, SLOT] = s
         held_H[1 + held_H[0]] = s
@@ -355,13 +353,18 @@ def lfu_step(ids_U, prot_P, rows_RF, slots_CF, heap_C, free_C, meta, aging_perio
         admit_U[out_counts[0]] = r
         out_counts[0] += 1
     for j in range(held_H[0]):
-        _heap_push(held_H[1 + j], heap_C, slots_CF, rows_RF, meta, False)
+        s = held_H[1 + j]
+        r = slots_CF[s, ROW]
+        _heap_push(s, _lfu_key(r, rows_RF, epoch), r, heap_C3, slots_CF, meta)
     if aging_period > 0:
         meta[SINCE_AGING] += ids_U.shape[0]
         if meta[SINCE_AGING] >= aging_period:
             meta[SINCE_AGING] -= aging_period
             meta[EPOCH_NOW] += 1
-            _heap_rebuild(heap_C, slots_CF, rows_RF, meta, False)  # halving can tie keys that were ordered
+            for i in range(meta[HEAP_SIZE]):  # every key halves its count: recompute, re-heapify
+                heap_C3[i, 0] = _lfu_key(slots_CF[heap_C3[i, 2], ROW], rows_RF, meta[EPOCH_NOW])
+            for i in range(meta[HEAP_SIZE] // 2 - 1, -1, -1):
+                _sift_down(i, meta[HEAP_SIZE], heap_C3, slots_CF)
 
 
 # -------------------------------------------------------------------------------------------- W-TinyLFU
@@ -511,27 +514,25 @@ def tinylfu_step(ids_U, prot_P, rows_RF, slots_CF, lists_K3, free_C, meta, sketc
 
 
 @njit(cache=True)
-def belady_step(ids_U, next_U, prot_P, rows_RF, slots_CF, heap_C, free_C, meta, order_U, hit_U, admit_U, evict_U,
+def belady_step(ids_U, next_U, prot_P, rows_RF, slots_CF, heap_C3, free_C, meta, order_U, hit_U, admit_U, evict_U,
                 out_counts):
     """One step of Belady's MIN with bypass: after serving the step from the cache as it stood, keep the
     ``capacity`` rows needed soonest among the residents and this step's rows. ``next_U`` is each id's next
     step of use (NEVER if none); ``order_U`` the misses' order (ascending next use). Free of the pin rules
-    (a row may leave right after its step; ``prot_P`` is ignored), so it bounds every policy that obeys them."""
+    (a row may leave right after its step; ``prot_P`` is ignored), so it bounds every policy that obeys them.
+    Heap keys (-next use, -row): the top is the row needed furthest ahead."""
     if not _start(ids_U, rows_RF, hit_U, out_counts):
         return
     for i in range(ids_U.shape[0]):
-        s = rows_RF[ids_U[i], SLOT]
-        if s != NIL:  # a served row's key moves to its next use
-            slots_CF[s, KEY] = next_U[i]
-            _sift_up(slots_CF[s, HPOS], heap_C, slots_CF, rows_RF, 0, True)
-            _sift_down(slots_CF[s, HPOS], meta[HEAP_SIZE], heap_C, slots_CF, rows_RF, 0, True)
+        if hit_U[i]:  # a served row's key moves to its next use
+            _heap_set(rows_RF[ids_U[i], SLOT], -next_U[i], -ids_U[i], heap_C3, slots_CF, meta)
     _begin_step(ids_U, prot_P, rows_RF, meta)
     for k in range(order_U.shape[0]):
         i = order_U[k]
         if hit_U[i]:
             continue
         r, nxt = ids_U[i], next_U[i]
-        if free_C.shape[0] == 0 or (meta[FREE_TOP] == 0 and meta[HEAP_SIZE] == 0):
+        if free_C.shape[0] == 0:
             out_counts[3] += 1
             continue
         if nxt == NEVER:
@@ -539,9 +540,9 @@ def belady_step(ids_U, next_U, prot_P, rows_RF, slots_CF, heap_C, free_C, meta, 
             continue
         if meta[FREE_TOP] > 0:
             s = _take_free(free_C, meta)
-        elif slots_CF[heap_C[0], KEY] > nxt:
-            s = heap_C[0]
-            _heap_remove(s, heap_C, slots_CF, rows_RF, meta, True)
+        elif heap_C3[0, 0] < -nxt:  # the furthest resident is needed later than r
+            s = heap_C3[0, 2]
+            _heap_remove(s, heap_C3, slots_CF, meta)
             v = slots_CF[s, ROW]
             rows_RF[v, SLOT] = NIL
             evict_U[out_counts[1]] = v
@@ -549,11 +550,31 @@ def belady_step(ids_U, next_U, prot_P, rows_RF, slots_CF, heap_C, free_C, meta, 
         else:
             out_counts[2] += 1
             continue
-        slots_CF[s, ROW], slots_CF[s, KEY] = r, nxt
+        slots_CF[s, ROW] = r
         rows_RF[r, SLOT] = s
-        _heap_push(s, heap_C, slots_CF, rows_RF, meta, True)
+        _heap_push(s, -nxt, -r, heap_C3, slots_CF, meta)
         admit_U[out_counts[0]] = r
         out_counts[0] += 1
+
+
+@njit(cache=True)
+def static_stream(ids_A, offsets_S1, hot_R, resident_R):
+    """The static policy over a whole stream: a hot row is admitted on its first touch, never evicted."""
+    S = offsets_S1.shape[0] - 1
+    totals, hits_S = np.zeros(4, np.int64), np.zeros(S, np.int64)
+    for t in range(S):
+        h = 0
+        for a in range(offsets_S1[t], offsets_S1[t + 1]):
+            r = ids_A[a]
+            if resident_R[r]:
+                h += 1
+            elif hot_R[r]:
+                resident_R[r] = True
+                totals[0] += 1
+            else:
+                totals[2] += 1
+        hits_S[t] = h
+    return hits_S, totals
 
 
 # ------------------------------------------------------------------------------------- whole streams
@@ -616,14 +637,14 @@ def lru_stream(ids_A, offsets_S1, protect_previous, rows_RF, slots_CF, lists_K3,
 
 
 @njit(cache=True)
-def lfu_stream(ids_A, offsets_S1, protect_previous, rows_RF, slots_CF, heap_C, free_C, meta, aging_period):
+def lfu_stream(ids_A, offsets_S1, protect_previous, rows_RF, slots_CF, heap_C3, free_C, meta, aging_period):
     S, m = offsets_S1.shape[0] - 1, _max_step(offsets_S1)
     hit_U, admit_U, evict_U = np.zeros(m, np.bool_), np.zeros(m, np.int64), np.zeros(m, np.int64)
-    held_H = np.zeros(2 * m + 1, np.int64)
+    held_H = np.zeros(3 * m + 1, np.int64)
     counts, totals, hits_S = np.zeros(6, np.int64), np.zeros(4, np.int64), np.zeros(S, np.int64)
     for t in range(S):
         ids = ids_A[offsets_S1[t]:offsets_S1[t + 1]]
-        lfu_step(ids, _prev(ids_A, offsets_S1, t, protect_previous), rows_RF, slots_CF, heap_C, free_C, meta,
+        lfu_step(ids, _prev(ids_A, offsets_S1, t, protect_previous), rows_RF, slots_CF, heap_C3, free_C, meta,
                  aging_period, held_H, hit_U, admit_U, evict_U, counts)
         _tally(t, hit_U, ids.shape[0], counts, hits_S, totals)
     return hits_S, totals
@@ -644,13 +665,13 @@ def tinylfu_stream(ids_A, offsets_S1, protect_previous, rows_RF, slots_CF, lists
 
 
 @njit(cache=True)
-def belady_stream(ids_A, next_A, order_A, offsets_S1, protect_previous, rows_RF, slots_CF, heap_C, free_C, meta):
+def belady_stream(ids_A, next_A, order_A, offsets_S1, protect_previous, rows_RF, slots_CF, heap_C3, free_C, meta):
     S, m = offsets_S1.shape[0] - 1, _max_step(offsets_S1)
     hit_U, admit_U, evict_U = np.zeros(m, np.bool_), np.zeros(m, np.int64), np.zeros(m, np.int64)
     counts, totals, hits_S = np.zeros(6, np.int64), np.zeros(4, np.int64), np.zeros(S, np.int64)
     for t in range(S):
         a, b = offsets_S1[t], offsets_S1[t + 1]
         belady_step(ids_A[a:b], next_A[a:b], _prev(ids_A, offsets_S1, t, protect_previous), rows_RF, slots_CF,
-                    heap_C, free_C, meta, order_A[a:b], hit_U, admit_U, evict_U, counts)
+                    heap_C3, free_C, meta, order_A[a:b], hit_U, admit_U, evict_U, counts)
         _tally(t, hit_U, b - a, counts, hits_S, totals)
     return hits_S, totals

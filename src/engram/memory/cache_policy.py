@@ -249,7 +249,7 @@ class _KernelPolicy(CachePolicy):
         self.meta[K.FREE_TOP] = self.capacity
         self.lists_K3 = np.full((3, 3), K.NIL, np.int64)
         self.lists_K3[:, K.SIZE] = 0
-        self.heap_C = np.zeros(max(self.capacity, 1), np.int64)
+        self.heap_C3 = np.zeros((max(self.capacity, 1), 3), np.int64)
 
     def resident_ids(self) -> np.ndarray:
         return np.flatnonzero(self.rows_RF[:, K.SLOT] != K.NIL).astype(np.int64)
@@ -301,13 +301,13 @@ class LFU(_KernelPolicy):
     aging_period = 0
 
     def _step(self, ids_U, prot_P, hit_U, admit_U, evict_U, counts):
-        held = np.zeros(ids_U.size + prot_P.size + 1, np.int64)
-        K.lfu_step(ids_U, prot_P, self.rows_RF, self.slots_CF, self.heap_C, self.free_C, self.meta,
+        held = np.zeros(2 * ids_U.size + prot_P.size + 1, np.int64)
+        K.lfu_step(ids_U, prot_P, self.rows_RF, self.slots_CF, self.heap_C3, self.free_C, self.meta,
                    self.aging_period, held, hit_U, admit_U, evict_U, counts)
 
     def _stream(self, stream, protect_previous):
         return K.lfu_stream(stream.ids_A, stream.offsets_S1, protect_previous, self.rows_RF, self.slots_CF,
-                            self.heap_C, self.free_C, self.meta, self.aging_period)
+                            self.heap_C3, self.free_C, self.meta, self.aging_period)
 
 
 class LFUAging(LFU):
@@ -385,7 +385,7 @@ class Belady(_KernelPolicy):
         a, b = self.stream.offsets_S1[t], self.stream.offsets_S1[t + 1]
         nxt = self.next_A[a:b]
         order = np.argsort(nxt, kind="stable")
-        K.belady_step(ids_U, nxt, prot_P, self.rows_RF, self.slots_CF, self.heap_C, self.free_C, self.meta, order,
+        K.belady_step(ids_U, nxt, prot_P, self.rows_RF, self.slots_CF, self.heap_C3, self.free_C, self.meta, order,
                       hit_U, admit_U, evict_U, counts)
         self.position += 1
 
@@ -395,7 +395,7 @@ class Belady(_KernelPolicy):
         order = _orders_within_steps(self.next_A, stream.offsets_S1)
         self.position = stream.num_steps
         return K.belady_stream(stream.ids_A, self.next_A, order, stream.offsets_S1, protect_previous, self.rows_RF,
-                               self.slots_CF, self.heap_C, self.free_C, self.meta)
+                               self.slots_CF, self.heap_C3, self.free_C, self.meta)
 
 
 def _orders_within_steps(next_A: np.ndarray, offsets_S1: np.ndarray) -> np.ndarray:
@@ -438,6 +438,12 @@ class Static(CachePolicy):
         admit = ids_U[admit_mask]
         self.resident_R[admit] = True
         return AccessResult(hit, admit, np.zeros(0, np.int64), int((~hit).sum() - admit.size), 0)
+
+    def run(self, stream: RowStream, protect_previous: bool = True) -> np.ndarray:
+        self._check_stream(stream)  # nothing is ever evicted: protection changes nothing
+        hits_S, totals = K.static_stream(stream.ids_A, stream.offsets_S1, self.hot_R, self.resident_R)
+        self.stats.add(stream.num_accesses, int(hits_S.sum()), *(int(x) for x in totals), steps=stream.num_steps)
+        return hits_S
 
     def resident_ids(self) -> np.ndarray:
         return np.flatnonzero(self.resident_R).astype(np.int64)

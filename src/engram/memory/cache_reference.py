@@ -85,7 +85,7 @@ class LFURef(_RefBase):
         ids, pinned = self._begin(ids_U, prot_P)
         hits = [r in self.resident for r in ids]
         for r in ids:
-            self.count[r] = min(self.count.get(r, 0) + 1, 0x7FFFFFFF)
+            self.count[r] = min(self.count.get(r, 0) + 1, K.CNT_MAX)
             self.stamp[r] = self.step
         admit, evict, overflow = [], [], 0
         for r, h in zip(ids, hits):
