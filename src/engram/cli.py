@@ -7,6 +7,7 @@
     engram eval      loss / perplexity of a checkpoint on a corpus or file
     engram generate  sample text from a checkpoint
     engram demo      the end-to-end demo (baseline MoE vs Engram-MoE)
+    engram plan      per-rank memory and all-to-all traffic of a preset on N ranks
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def _optional_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     import importlib
 
     regs = []
-    for mod_name, fn in (("engram.data.commands", "add_data_parser"), ("engram.train.commands", "add_train_parsers")):
+    for mod_name, fn in (("engram.data.commands", "add_data_parser"), ("engram.train.commands", "add_train_parsers"),
+                         ("engram.plan.commands", "add_plan_parser")):
         try:
             mod = importlib.import_module(mod_name)
         except ModuleNotFoundError as e:
