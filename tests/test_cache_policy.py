@@ -80,7 +80,7 @@ def check_contract(policy: CachePolicy, steps, prot) -> list[tuple]:
 
 
 @pytest.mark.parametrize("name,impl", KINDS)
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(scenarios())
 def test_contract(name, impl, scenario):
     R, C, steps, prot, hot = scenario
@@ -90,7 +90,7 @@ def test_contract(name, impl, scenario):
 
 
 @pytest.mark.parametrize("name", ONLINE + ("belady",))
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(scenarios())
 def test_compiled_equals_reference(name, scenario):
     R, C, steps, prot, hot = scenario
@@ -151,7 +151,7 @@ def textbook_lfu_hits(seq, capacity):
     return hits
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(0, 15), max_size=80), st.integers(0, 16))
 def test_lru_and_lfu_match_textbook_models(seq, capacity):
     R = 16
@@ -161,7 +161,7 @@ def test_lru_and_lfu_match_textbook_models(seq, capacity):
     assert make_policy("lfu", R, capacity).run(stream, False).sum() == textbook_lfu_hits(seq, capacity)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(scenarios())
 def test_belady_bounds_every_online_policy(scenario):
     R, C, steps, _, _ = scenario

@@ -53,7 +53,7 @@ LAYOUTS = {
 }
 
 QUICK = dict(layouts=("tiny",), eval_corpora=("mini",), eval_tokens=30_000, hot_tokens=200_000, tiny_vocab=512,
-             tiny_tokenizer_bytes=2_000_000, png=None)
+             tiny_tokenizer_bytes=2_000_000)
 
 
 def _hasher_and_tokenizer(name: str, cache_dir: Path, tiny_vocab: int, tiny_tokenizer_bytes: int):
