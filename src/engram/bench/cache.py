@@ -164,6 +164,8 @@ def plot(results: Sequence[dict[str, Any]], policies: Sequence[str], out_png: st
                 marker="^", label="static, oracle counts")
         ax.axhline(res["compulsory_ceiling"], color="grey", linestyle=":", label="compulsory ceiling")
         ax.set_xscale("log")
+        ax.set_xticks(x, [f"{v:g}%" for v in x])
+        ax.minorticks_off()
         ax.set_xlabel("cache size (% of the layer's rows)")
         ax.set_ylabel("hit rate (row accesses, once per step)")
         ax.set_title(f"{res['layout']}: {res['rows']:,} rows", fontsize=10)
