@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from engram.data.bpe import eot_id
+from engram.infer import load_run
+
 
 @torch.no_grad()
 def gate_values(model, tokenizer, text: str, bos_id: int | None = None) -> dict[str, Any]:
@@ -53,3 +56,12 @@ def plot_gates(values: dict[str, Any], out_png: str | Path, title: str | None = 
     atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return out_png
+
+
+def gates_of_run(run: str | Path, text: str, out_png: str | Path | None = None) -> dict[str, Any]:
+    """Gate values of a trained run's Engram layers on ``text`` (and a heatmap PNG if asked)."""
+    lr = load_run(run)
+    values = gate_values(lr.model, lr.tokenizer, text, bos_id=eot_id(lr.tokenizer))
+    if out_png:
+        plot_gates(values, out_png, title=f"Engram gates: {Path(run).name}")
+    return values

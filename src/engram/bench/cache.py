@@ -30,7 +30,7 @@ from typing import Any, Sequence, TextIO
 
 import numpy as np
 
-from engram.bench.common import format_table
+from engram.report import format_table
 
 POLICY_NAMES = ("lru", "lfu", "lfu-aging", "tinylfu", "static")
 FRACTIONS = (0.001, 0.01, 0.1)

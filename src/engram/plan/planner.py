@@ -216,7 +216,7 @@ def _add_traffic(out: Plan, cfg: ModelConfig, pc: PlanConfig) -> None:
 
 def format_plan(p: Plan) -> str:
     """Plain-text tables: the placement, memory per rank, traffic per step."""
-    from engram.bench.common import format_table
+    from engram.report import format_table
 
     c = p.config
     head = (f"{p.preset} on {c.world_size} ranks, {c.batch_size} x {c.seq_len} tokens per rank per step; backbone "
