@@ -27,9 +27,11 @@ def test_param_counts_follow_the_model_and_optimizer_groups(debug):
     c = model.param_counts()
     assert p.total == c["total"] and p.tables == c["engram_tables"] and p.backbone == c["total"] - c["engram_tables"]
     assert p.layer_rows == tuple(layer.table.num_rows for layer in model.engram_layers().values())
-    matrices = sum(q.numel() for n, q in model.named_parameters()
-                   if q.ndim == 2 and "lm_head" not in n and "tok_emb" not in n and ".table." not in n)
-    assert p.muon == matrices
+    from engram.train.optim import build_optimizers
+
+    groups = {g["name"]: g["params"] for g in build_optimizers(model, lr=1e-3, backbone="muon").param_groups}
+    assert p.muon == sum(q.numel() for q in groups["backbone_muon"]) > 0, "Muon's share is the trainer's own"
+    assert all(q.ndim == 2 for q in groups["backbone_muon"])
 
 
 def test_memory_items_exact(debug):
