@@ -30,7 +30,7 @@ test-slow: setup
 	$(PY) -m pytest -m 'slow and not gpu' || [ $$? -eq 5 ]  # 5: no slow test collected
 
 bench: setup
-	for b in hashing lookup step train; do $(VENV)/bin/engram bench $$b; done
+	for b in hashing lookup step train cache; do $(VENV)/bin/engram bench $$b; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache   # the data cache lives in $$ENGRAM_CACHE_DIR (default ~/.cache/engram)

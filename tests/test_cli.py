@@ -38,9 +38,9 @@ def run_line(line: str, cwd: Path, cache: Path, timeout: int = 600) -> str:
 
 def test_every_subcommand_has_a_readme_example():
     subs = {shlex.split(line)[1] for line in readme_examples()}
-    assert subs == {"hash", "data", "train", "eval", "generate", "gates", "tables", "bench", "demo"}
+    assert subs == {"hash", "data", "train", "eval", "generate", "gates", "tables", "bench", "demo", "plan"}
     benches = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "bench"}
-    assert benches == {"hashing", "lookup", "step", "train", "optim", "storage"}
+    assert benches == {"hashing", "lookup", "step", "train", "optim", "storage", "cache"}
 
 
 @pytest.mark.slow
@@ -59,6 +59,11 @@ def test_readme_examples_run(mini_cache, tmp_path):
     assert (tmp_path / "runs" / "debug" / "loss.png").is_file()
     assert (tmp_path / "runs" / "gates.png").read_bytes()[:4] == b"\x89PNG"
     assert "block 1 branch 0:" in next(v for k, v in outputs.items() if k.startswith("engram gates"))
+    cache = next(v for k, v in outputs.items() if k.startswith("engram bench cache"))
+    assert "belady" in cache and "compulsory ceiling" in cache and "M accesses/s" in cache
+    assert (tmp_path / "runs" / "bench" / "cache_hit_rates.png").read_bytes()[:4] == b"\x89PNG"
+    planned = next(v for k, v in outputs.items() if k.startswith("engram plan"))
+    assert "distinct rows per token" in planned and "fits in 80 GiB per rank" in planned
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The ``engram`` command line: thin subcommands over library functions.
 
     engram hash      inspect a hash layout and the hash ids of a text
-    engram bench     benchmarks (hashing, lookup, step, train, optim)
+    engram bench     benchmarks (hashing, lookup, step, train, optim, cache)
     engram data      prepare corpora, train a tokenizer
     engram train     train a model
     engram eval      loss / perplexity of a checkpoint on a corpus or file
@@ -9,6 +9,7 @@
     engram gates     Engram gate per token of a text
     engram tables    a run's tables as row files: export, info, verify, check
     engram demo      the end-to-end demo (baseline MoE vs Engram-MoE)
+    engram plan      per-rank memory and all-to-all traffic of a preset on N ranks
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from engram.argtypes import POS_INT
 from engram.bench.commands import add_bench_parser
 from engram.data.commands import add_data_parser
 from engram.infer.commands import add_infer_parsers, add_tables_parser
+from engram.plan.commands import add_plan_parser
 from engram.train.commands import add_train_parser
 
 
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_infer_parsers(sub)
     add_tables_parser(sub)
     add_gates_parser(sub)
+    add_plan_parser(sub)
 
     d = sub.add_parser("demo", help="train tiny MoE and tiny Engram-MoE side by side on `mini` and compare")
     d.add_argument("--out", default="runs/demo")

@@ -9,13 +9,14 @@ from typing import Callable
 
 def _benches() -> dict[str, tuple[Callable[..., dict], dict]]:
     """name -> (run function, its --quick keyword arguments). Imported when a benchmark runs, not at start-up."""
-    from engram.bench import hashing, lookup, optim, step, storage, train
+    from engram.bench import cache, hashing, lookup, optim, step, storage, train
 
-    mods = {"hashing": hashing, "lookup": lookup, "step": step, "train": train, "optim": optim, "storage": storage}
+    mods = {"hashing": hashing, "lookup": lookup, "step": step, "train": train, "optim": optim, "storage": storage,
+            "cache": cache}
     return {name: (m.run, getattr(m, "QUICK", {})) for name, m in mods.items()}
 
 
-BENCHES = ("hashing", "lookup", "step", "train", "optim", "storage")
+BENCHES = ("hashing", "lookup", "step", "train", "optim", "storage", "cache")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
