@@ -122,7 +122,7 @@ def _write_files(tmp: Path, adapter: EngramAdapter) -> None:
     layout["tables"] = write_tables(tmp, {i: layer.table for i, layer in adapter.layers.items()})
     layout["files"] = {
         name: {"bytes": (tmp / name).stat().st_size, "sha256": eio.sha256_file(tmp / name)}
-        for name in (FUSION_FILE, layout["tables"]["file"])
+        for name in (FUSION_FILE, *(t["file"] for t in layout["tables"]["layers"].values()))
     }
     eio.write_synced(tmp / ADAPTER_FILE, json.dumps(layout, indent=2, sort_keys=True) + "\n")
     eio.fsync_dir(tmp)
