@@ -77,12 +77,14 @@ def test_contract_gathers_equal_the_reference(store_case):
         want = expected_rows(table, kind)
         ids = torch.randint(0, table.num_rows, (500,), generator=g)
         ids[:5] = torch.tensor([0, table.num_rows - 1, 7, 7, 7])  # ends of the table and repeats
+        distinct = torch.randperm(table.num_rows, generator=g)[:50]  # no repeats, any order
+        assert torch.equal(store.gather(distinct), want[distinct])
         got = store.gather(ids)
         assert got.dtype == table.weight.dtype and got.shape == (500, table.d_head)
         assert torch.equal(got, want[ids])
         assert torch.equal(store.gather(torch.arange(table.num_rows)), want)
         assert store.gather(torch.zeros(0, dtype=torch.long)).shape == (0, table.d_head)
-        assert store.stats.rows == 500 + table.num_rows and store.nbytes() > 0
+        assert store.stats.rows == 550 + table.num_rows and store.nbytes() > 0
         store.close()
 
 

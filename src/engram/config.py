@@ -217,7 +217,7 @@ class TrainConfig:
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_steps: int = 20
     grad_clip: float = 1.0  # on the dense (backbone) gradient norm; 0 disables
-    dtype: Literal["bf16", "fp32"] = "bf16"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # "auto": bf16 where the hardware makes it fast
     eval_every: int = 100
     eval_batches: int = 16
     ckpt_every: int = 100
@@ -240,7 +240,7 @@ class TrainConfig:
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "TrainConfig betas must lie in [0, 1)")
         _check(self.warmup_steps <= self.steps,
                f"TrainConfig.warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
-        _check(self.dtype in ("bf16", "fp32"), f"TrainConfig.dtype must be bf16 or fp32, got {self.dtype!r}")
+        _check(self.dtype in ("auto", "bf16", "fp32"), f"TrainConfig.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         _check(self.schedule in ("cosine", "step", "constant"), f"TrainConfig.schedule: unknown {self.schedule!r}")
         _check(self.backbone_optimizer in ("adamw", "muon"), f"TrainConfig.backbone_optimizer: unknown {self.backbone_optimizer!r}")
 

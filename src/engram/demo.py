@@ -3,7 +3,7 @@
 1. prepare the ``mini`` corpus (pip only) and train its byte-level BPE (8,192 ids);
 2. train ``tiny-moe`` (the baseline) and ``tiny`` (Engram-MoE: the allocation solver moved a quarter of
    the sparse budget from routed experts into an Engram table), same total and activated parameters,
-   same data order, same steps, bf16 on CPU;
+   same data order, same steps, bf16 where the hardware runs it fast (else fp32: engram.runtime.resolve_dtype);
 3. print a side-by-side table (held-out loss, tokens/s, parameters), a sample from each, and write the
    loss curves of both runs to one PNG.
 """

@@ -59,6 +59,19 @@ class DecodeState:
     hash_state: HashState | None
     conv_states: dict[int, ConvState]
     lengths: torch.Tensor  # [B] tokens consumed per row
+    pad_id: int = 0  # the hasher's canonical pad: what a fresh row's n-gram history holds
+
+    def reset_rows(self, rows: list[int]) -> None:
+        """Make ``rows`` fresh sequences (a finished row's slot reused for a waiting prompt): empty KV
+        caches (stale slots are masked by their lengths), pad n-gram history, zero conv history."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        for cache in self.caches:
+            cache.lengths[idx] = 0
+        if self.hash_state is not None:
+            self.hash_state.history[idx] = self.pad_id
+        for conv in self.conv_states.values():
+            conv.buffer[idx] = 0
+        self.lengths[idx] = 0
 
 
 class Block(nn.Module):
@@ -330,7 +343,7 @@ class EngramLM(nn.Module):
         gates: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
             h_ids = hash_ids[:, :, layer_slot[i]] if i in layer_slot else None
-            rows = memory_rows.get(i) if memory_rows else None
+            rows = memory_rows.get(i) if memory_rows is not None else None
             x, gate = blk(x, segment_ids, h_ids, token_mask=token_mask, rows_BTHD=rows)
             if gate is not None and return_gates:
                 gates[i] = gate
@@ -354,7 +367,8 @@ class EngramLM(nn.Module):
             if layer.fusion.short_conv is not None
         }
         hs = self.hasher.init_state(batch, dev) if self.hasher is not None else None
-        return DecodeState(caches, hs, conv, torch.zeros(batch, dtype=torch.int64, device=dev))
+        pad = self.hasher.pad_id if self.hasher is not None else 0
+        return DecodeState(caches, hs, conv, torch.zeros(batch, dtype=torch.int64, device=dev), pad)
 
     @torch.no_grad()
     def forward_chunk(
@@ -371,16 +385,17 @@ class EngramLM(nn.Module):
         and lengths = 1 for active rows, 0 for finished ones. ``token_mask`` [B, T] as in ``forward``.
         ``hash_ids`` / ``memory_rows``: what a prefetcher computed ahead for this chunk (``hash_ids`` must
         come from ``self.hasher.step`` on this state, which then is not advanced again here)."""
-        self._check_ids(ids, past=int(state.lengths.max()) if state.lengths.numel() else 0)
         B, T = ids.shape
         lengths = torch.full((B,), T, dtype=torch.int64, device=ids.device) if lengths is None else lengths.long()
+        # each row's own length: rows of different lengths (slots reused by new prompts) share a chunk
+        self._check_ids(ids, past=int((state.lengths + lengths).max()) - T if B else 0)
         if self.hasher is not None and hash_ids is None:
             hash_ids = self.hasher.step(ids, state.hash_state, lengths, check=False, token_mask=token_mask)
         layer_slot = {layer: j for j, layer in enumerate(self.hasher.layers)} if self.cfg.engram else {}
         x = self._embed(ids, hash_ids)
         for i, blk in enumerate(self.blocks):
             h_ids = hash_ids[:, :, layer_slot[i]] if i in layer_slot else None
-            rows = memory_rows.get(i) if memory_rows else None
+            rows = memory_rows.get(i) if memory_rows is not None else None
             x, _ = blk(x, None, h_ids, state.caches[i], state.conv_states.get(i), lengths, token_mask, rows)
         state.lengths += lengths
         return self._head(x)

@@ -1,7 +1,7 @@
 """``engram bench step``: train-step time (forward + backward + optimizer) of tiny Engram-MoE vs tiny MoE.
 
 Both presets have the same activated parameters (the allocation solver's rho = 0.75 split), run in one
-process on the same batches under bf16 autocast, interleaved. Engram tables take sparse row updates.
+process on the same batches (bf16 autocast where the hardware runs it fast, else fp32), interleaved. Engram tables take sparse row updates.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 from engram.bench.common import time_pair
 from engram.report import format_table
+from engram.runtime import resolve_dtype
 from engram.config import preset
 from engram.model import build_model
 from engram.train.optim import build_optimizers
@@ -41,7 +42,8 @@ def _stepper(name: str, batch: int, seq: int, dtype: torch.dtype):
 
 
 def run(batch: int = 16, seq: int = 256, repeats: int = 5, baseline: str = "tiny-moe",
-        candidate: str = "tiny", dtype: str = "bf16") -> dict:
+        candidate: str = "tiny", dtype: str = "auto") -> dict:
+    dtype = resolve_dtype(dtype)
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     fb, cb, _ = _stepper(baseline, batch, seq, dt)
     fc, cc, check = _stepper(candidate, batch, seq, dt)

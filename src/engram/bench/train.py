@@ -1,6 +1,7 @@
 """``engram bench train``: training throughput and the cost of the memory's moving parts.
 
-1. tokens/s of the tiny dense, MoE and Engram-MoE presets, bf16 autocast and fp32, same batches;
+1. tokens/s of the tiny dense, MoE and Engram-MoE presets in fp32, and with bf16 autocast where the hardware
+   runs bf16 fast (engram.runtime.resolve_dtype; on AVX2-only CPUs bf16 matmuls are ~80x slower), same batches;
 2. optimizer-step time of the Engram tables' ``SparseRowAdam`` on a 1e5-row vs a 1e7-row table with the
    same touched rows (sparse updates: the cost should follow rows touched, not table size);
 3. hashing time as a share of a tiny Engram-MoE training step (hashing runs in the loader's thread, but
@@ -15,6 +16,7 @@ import torch
 
 from engram.bench.common import time_pair
 from engram.report import format_table
+from engram.runtime import resolve_dtype
 from engram.bench.step import _stepper
 from engram.config import preset
 from engram.model import build_model
@@ -43,7 +45,8 @@ def run(batch: int = 16, seq: int = 256, big_rows: int = 10_000_000, small_rows:
                                 lookups=lookups, threads=torch.get_num_threads())}
     # 1. throughput
     fns, names = {}, []
-    for dtype in ("bf16", "fp32"):
+    dtypes = ("fp32", "bf16") if resolve_dtype("auto") == "bf16" else ("fp32",)
+    for dtype in dtypes:
         for name in ("tiny-dense", "tiny-moe", "tiny"):
             key = f"{name} {dtype}"
             fns[key] = _stepper(name, batch, seq, torch.bfloat16 if dtype == "bf16" else torch.float32)[0]
@@ -71,9 +74,10 @@ def run(batch: int = 16, seq: int = 256, big_rows: int = 10_000_000, small_rows:
     ids = torch.randint(0, model.cfg.vocab_size, (batch, seq))
     seg = torch.zeros_like(ids)
     ht = time_pair({"hash": lambda: model.hash(ids, seg)}, repeats=max(repeats * 3, 5))["hash"]
-    share = ht / times["tiny bf16"]
+    fast = resolve_dtype("auto")
+    share = ht / times[f"tiny {fast}"]
     out["hash_share"] = share
-    t3 = format_table(["hashing (tiny, all Engram layers)", "ms / batch", "share of a bf16 train step"],
+    t3 = format_table(["hashing (tiny, all Engram layers)", "ms / batch", f"share of a {fast} train step"],
                       [["model.hash(ids, segment_ids)", ht * 1e3, f"{share:.2%}"]])
     out["table"] = "\n\n".join([t1, t2, t3])
     return out

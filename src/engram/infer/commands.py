@@ -15,14 +15,28 @@ def _placement(args: argparse.Namespace):
 
     if args.table_dir and args.table_tier != "disk":
         raise ValueError("--table-dir is for --table-tier disk")
-    return Placement(args.table_tier, args.table_dir, io=args.table_io)
+    cache = int(args.cache_mb * 2**20)
+    kw = {}
+    if args.cache_policy == "static":
+        if not args.hotness:
+            raise ValueError("--cache-policy static needs --hotness FILE (`engram tables hotness RUN --corpus NAME`)")
+        from engram.memory.hotness import RowHotness
+
+        hot = RowHotness.load(args.hotness)
+        kw = {f"engram.{layer}": {"hot_ids": hot.ranked(layer)} for layer in hot.layers}
+    return Placement(args.table_tier, args.table_dir, io=args.table_io, cache_bytes=cache,
+                     cache_policy=args.cache_policy, cache_kw=kw)
 
 
 def _add_tier_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table-tier", choices=["device", "host", "disk"], default="device",
                    help="where the Engram tables live (default: in memory on the device)")
     p.add_argument("--table-dir", help="with --table-tier disk: the row files (`engram tables export RUN DIR`)")
-    p.add_argument("--table-io", choices=["pread", "mmap"], default="pread", help="disk reads (default pread)")
+    p.add_argument("--table-io", choices=["pread", "mmap"], default="mmap", help="disk reads (default mmap)")
+    p.add_argument("--cache-mb", type=NONNEG_FLOAT, default=0.0,
+                   help="with --table-tier disk: a hot-row cache of this many MiB per table in RAM")
+    p.add_argument("--cache-policy", choices=["lru", "lfu", "lfu-aging", "tinylfu", "static"], default="lfu-aging")
+    p.add_argument("--hotness", help="for --cache-policy static: a hotness file (`engram tables hotness`)")
 
 
 def cmd_eval(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -39,10 +53,20 @@ def cmd_eval(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    from engram.infer import generate_text
+    from engram.infer import generate_text, generate_texts, read_prompts_file
 
-    print(generate_text(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                        args.seed, _placement(args)), file=out)
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("give exactly one of --prompt TEXT or --prompts-file FILE")
+    if args.prompt is not None:
+        print(generate_text(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                            args.seed, _placement(args)), file=out)
+        return 0
+    texts, res = generate_texts(args.run, read_prompts_file(args.prompts_file), args.max_new_tokens, args.temperature,
+                                args.top_k, args.top_p, args.seed, args.batch_size, _placement(args), args.prefetch)
+    for t in texts:
+        print(json.dumps(t), file=out)
+    print(f"{len(texts)} prompts: prefill {res.prefill_tok_s:,.0f} tokens/s, decode {res.decode_tok_s:,.0f} tokens/s "
+          f"({res.steps} decode steps, batch {args.batch_size})", file=out)
     return 0
 
 
@@ -61,7 +85,10 @@ def add_infer_parsers(sub: argparse._SubParsersAction) -> None:
 
     g = sub.add_parser("generate", help="continue a prompt with a trained run (incremental decoding)")
     g.add_argument("run", help="run directory (or a checkpoint directory)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", help="one prompt")
+    g.add_argument("--prompts-file", help="many prompts, one per line, decoded together (printed as JSON strings)")
+    g.add_argument("--batch-size", type=POS_INT, default=8, help="with --prompts-file: decoding slots")
+    g.add_argument("--prefetch", action="store_true", help="gather Engram rows in the background while blocks compute")
     g.add_argument("--max-new-tokens", type=NONNEG_INT, default=64)
     g.add_argument("--temperature", type=NONNEG_FLOAT, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=POS_INT, default=50)
@@ -85,6 +112,9 @@ def cmd_tables(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     elif args.action == "info":
         info = tables.table_info(args.file)
         print(json.dumps(info, indent=2) if args.json else _info_text(info), file=out)
+    elif args.action == "hotness":
+        res = tables.hotness(args.run, args.corpus, args.out, args.max_tokens, args.cache_dir)
+        print(f"{args.out}: {res['tokens']:,} tokens counted; rows touched: {res['touched']}", file=out)
     elif args.action == "verify":
         res = tables.verify_table(args.file, progress=not args.no_progress)
         print(f"{res['file']}: all {res['rows']:,} rows check out", file=out)
@@ -113,7 +143,7 @@ def _check_text(r: dict) -> str:
 
 
 def add_tables_parser(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("tables", help="a run's Engram tables as row files: export, info, verify, check")
+    t = sub.add_parser("tables", help="a run's Engram tables as row files: export, info, verify, check, hotness")
     acts = t.add_subparsers(dest="action", required=True)
     e = acts.add_parser("export", help="write each table as OUT/<table>.rows (atomic)")
     e.add_argument("run")
@@ -134,4 +164,10 @@ def add_tables_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--batch-size", type=POS_INT, default=8)
     c.add_argument("--cache-dir")
     c.add_argument("--json", action="store_true")
+    h = acts.add_parser("hotness", help="count how often each table row is used on a corpus's training split")
+    h.add_argument("run")
+    h.add_argument("--corpus", required=True)
+    h.add_argument("--out", required=True, help="the hotness file to write (safetensors)")
+    h.add_argument("--max-tokens", type=POS_INT)
+    h.add_argument("--cache-dir")
     t.set_defaults(func=cmd_tables)

@@ -21,7 +21,7 @@ from engram.runtime import autocast
 
 
 @torch.no_grad()
-def evaluate(model: EngramLM, loader: Iterable[Batch], dtype: str = "bf16") -> dict[str, float]:
+def evaluate(model: EngramLM, loader: Iterable[Batch], dtype: str = "auto") -> dict[str, float]:
     """Mean next-token loss (nats) over the loader's tokens, and perplexity. Batches without any target
     (all masked) contribute nothing and are counted in ``empty_batches``."""
     was_training = model.training

@@ -121,4 +121,17 @@ def _compare(full: LoadedRun, quant: LoadedRun, corpus: str, batches: int, batch
             "ppl_fp32": math.exp(min(sums["full"] / n, 50)), "ppl": math.exp(min(sums["quant"] / n, 50))}
 
 
-__all__ = ["check_quantized", "export_tables", "table_info", "verify_table"]
+def hotness(run: str | Path, corpus: str, out: str | Path, max_tokens: int | None = None,
+            cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """Count how often each table row is looked up over ``corpus``'s training split only (never its
+    held-out text), and save it for the static cache policy (``--cache-policy static --hotness FILE``)."""
+    from engram.memory.hotness import row_hotness
+
+    lr = load_run(run)
+    hot = row_hotness(lr, corpus, "train", cache_dir=cache_dir, max_tokens=max_tokens)
+    hot.save(out)
+    touched = {layer: f"{len(hot.rows[layer]):,} of {hot.num_rows[layer]:,}" for layer in hot.layers}
+    return {"tokens": int(hot.source.get("tokens", 0)), "touched": touched}
+
+
+__all__ = ["check_quantized", "export_tables", "hotness", "table_info", "verify_table"]

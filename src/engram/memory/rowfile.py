@@ -374,7 +374,7 @@ class RowFileReader:
         rows = decode_records(self.fmt, rec, dtype)
         self.stats.rows += len(uniq)
         self.stats.seconds += time.perf_counter() - t0
-        return rows[torch.from_numpy(inv)] if len(uniq) != len(ids) else rows
+        return rows if np.array_equal(uniq, ids) else rows[torch.from_numpy(inv)]
 
     def _verify(self, rec_UC: np.ndarray, uniq: np.ndarray) -> None:
         body = rec_UC[:, :-4]

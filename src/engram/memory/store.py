@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engram.io import fault_point
 from engram.memory.layout import TableLayout
 from engram.memory.rowfile import RowFileReader
 
@@ -137,6 +138,7 @@ class DiskStore(RowStore):
         self.dtype = _TORCH_DTYPE[layout.dtype]
 
     def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:
+        fault_point(f"store.gather:{self.layout.name}")  # tests make a read fail mid-generation here
         before = self.reader.stats.bytes
         rows = self.reader.gather(flat_ids, self.dtype)
         self._count(flat_ids.numel(), self.reader.stats.bytes - before)
@@ -154,19 +156,29 @@ class DiskStore(RowStore):
 @dataclass(frozen=True)
 class Placement:
     """Where a model's tables live: ``tier`` for every table; for "disk", ``directory`` holds one row file
-    per table (``rowfile_name``); ``io``/``threads``/``direct`` tune the disk reader."""
+    per table (``rowfile_name``); ``io``/``threads``/``direct`` tune the disk reader. ``cache_bytes`` > 0
+    puts a hot-row cache of that many bytes per table in RAM in front of the disk tier (engram.memory.cache)
+    with replacement policy ``cache_policy`` (``cache_kw``: per table name, the policy's options, e.g.
+    ``{"engram.1": {"hot_ids": ...}}`` for "static")."""
 
     tier: str = "device"
     directory: Path | None = None
-    io: str = "pread"
+    io: str = "mmap"
     threads: int = 4
     direct: bool = False
+    cache_bytes: int = 0
+    cache_policy: str = "lfu-aging"
+    cache_kw: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
             raise ValueError(f"unknown table tier {self.tier!r}; valid tiers: {', '.join(TIERS)}")
         if self.tier == "disk" and self.directory is None:
             raise ValueError("the disk tier needs a table directory (export one with `engram tables export`)")
+        if self.cache_bytes and self.tier != "disk":
+            raise ValueError(f"a hot-row cache sits in front of the disk tier, not the {self.tier} tier")
+        if self.cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {self.cache_bytes}")
 
     def apply(self, tables: dict[str, Any]) -> None:
         """Place every table (an ``EngramTable`` by name); disk files are opened and checked here."""
@@ -174,6 +186,11 @@ class Placement:
             if self.tier == "disk":
                 table.place("disk", Path(self.directory) / rowfile_name(name), io=self.io, threads=self.threads,
                             direct=self.direct)
+                if self.cache_bytes:
+                    from engram.memory.cache import CachedStore
+
+                    table.store = CachedStore(table.store, self.cache_bytes, self.cache_policy,
+                                              **self.cache_kw.get(name, {}))
             else:
                 table.place(self.tier)
 
