@@ -7,6 +7,7 @@
     engram eval      loss / perplexity of a checkpoint on a corpus or file
     engram generate  sample text from a checkpoint
     engram demo      the end-to-end demo (baseline MoE vs Engram-MoE)
+    engram analyze   look inside trained runs (gates, LogitLens, CKA, Engram-off ablation)
 """
 
 from __future__ import annotations
@@ -143,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _optional_commands():
         register(sub)
+
+    from engram.analysis.commands import add_analyze_parser
+
+    add_analyze_parser(sub)
     return p
 
 
