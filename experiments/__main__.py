@@ -104,7 +104,7 @@ def _list(args: argparse.Namespace) -> int:
                 continue
             c = count(p.model)
             tables = c["engram_tables"] + c["overencoding_tables"]
-            print(f"  {p.variant:16s} P_tot {c['P_tot']:>11,}  P_act {c['P_act']:>10,}  tables {tables:>11,}")
+            print(f"  {p.variant:20s} P_tot {c['P_tot']:>11,}  P_act {c['P_act']:>10,}  tables {tables:>11,}")
         for note in left_out:
             print(f"  left out {note}")
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 from engram.io import atomic_write, atomic_write_json
 
 from experiments.runner import REPO, RunPlan, load_summaries, plan_experiment
-from experiments.specs import SIZES, experiments, memory_params
+from experiments.specs import SIZES, experiments
 from experiments.stats import mean_sd, paired_difference
 
 
@@ -78,7 +78,8 @@ def _variant_row(variant: str, summaries: dict, sets: list[str]) -> dict:
 
 def render_markdown(r: dict, sets: list[str]) -> str:
     lines = [f"# {r['title']} (size `{r['size']}`)", "",
-             f"Command: `python -m experiments run {r['experiment']} --size {r['size']}`", "",
+             f"Command: `python -m experiments run {r['experiment']} "
+             f"{'--quick' if r['size'] == 'quick' else '--size ' + r['size']}`", "",
              f"Paper: {r['paper']}", ""]
     lines += [f"- {n}" for n in r["notes"]]
     lines += ["", f"Runs finished: {r['finished_runs']} of {r['planned_runs']}; {r['tokens_per_run'] / 1e6:.2f} M "
@@ -110,9 +111,10 @@ def render_markdown(r: dict, sets: list[str]) -> str:
         lines.append(f"| {c['variant']} | {c['baseline']} | {c['eval']} | {c['n']} | {c['mean']:+.4f} | {ci} | {ex} | {p} |")
     if r.get("ngram_counts"):
         lines += ["", "## Distinct n-grams in the training data (compressed ids, within documents)", "",
-                  "| order | distinct | occurrences |", "|---:|---:|---:|"]
+                  "| order | distinct in the training split | occurrences | distinct in one run's batches (seed 0) |",
+                  "|---:|---:|---:|---:|"]
         for n, d in sorted(r["ngram_counts"]["orders"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {n} | {d['distinct']:,} | {d['total']:,} |")
+            lines.append(f"| {n} | {d['distinct']:,} | {d['total']:,} | {d['seen_by_a_run']:,} |")
     if r.get("plot"):
         lines += ["", f"![{r['experiment']}]({r['plot']})"]
     return "\n".join(lines) + "\n"
@@ -153,7 +155,7 @@ def _seed_points(plans: list[RunPlan], summaries: dict, variant: str, corpus: st
 def plot_rho(spec, plans: list[RunPlan], summaries: dict, sets: list[str], path: Path) -> Path:
     """Held-out loss vs rho: every seed as a dot, the mean with a +-1 sd bar, one panel per held-out set."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(max(6.4, 4.2 * len(sets)), 3.8), squeeze=False)
     for ax, c in zip(axes[0], sets):
         xs, means, sds = [], [], []
         for v in spec.variants:
@@ -168,7 +170,7 @@ def plot_rho(spec, plans: list[RunPlan], summaries: dict, sets: list[str], path:
         ax.set_ylabel(f"held-out loss ({c})")
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
-    fig.suptitle("Sparsity allocation: loss vs rho (dots: seeds; bars: mean ± sd)")
+    fig.suptitle("Sparsity allocation: loss vs rho (dots: seeds; bars: mean ± sd)", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -180,7 +182,6 @@ def plot_memory(spec, plans: list[RunPlan], summaries: dict, sets: list[str], pa
     """Per held-out set: loss vs table parameters (Engram vs OverEncoding at equal memory, backbone as a
     line) and loss vs slots per n-gram order, with the training data's distinct n-grams marked."""
     plt = _plt()
-    size = SIZES[plans[0].size]
     fig, axes = plt.subplots(len(sets), 2, figsize=(10, 3.4 * len(sets)), squeeze=False)
     for row, c in zip(axes, sets):
         base = _seed_points(plans, summaries, "backbone", c)
@@ -194,7 +195,8 @@ def plot_memory(spec, plans: list[RunPlan], summaries: dict, sets: list[str], pa
                     continue
                 s0 = next(s for (name, _), s in summaries.items() if name == v.name)
                 m, sd = mean_sd(pts)
-                xs_p.append(memory_params(size, int(v.x))), xs_s.append(_slots_per_order(s0))
+                xs_p.append(s0["params"]["engram_tables"] + s0["params"]["overencoding_tables"])
+                xs_s.append(_slots_per_order(s0))
                 means.append(m), sds.append(sd or 0.0)
             for ax, xs in ((row[0], xs_p), (row[1], xs_s)):
                 ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, color=f"C{k}", label=family)
@@ -207,10 +209,11 @@ def plot_memory(spec, plans: list[RunPlan], summaries: dict, sets: list[str], pa
             ax.grid(alpha=0.3, which="both")
         row[0].set_xlabel("table parameters (equal memory at equal x)")
         row[1].set_xlabel("slots per n-gram order (rows per head x heads)")
-        if ngram_counts:
+        if ngram_counts:  # dotted: the whole training split; dash-dot: the batches one run trains on
             for n, d in ngram_counts["orders"].items():
-                row[1].axvline(d["distinct"], color="0.2", ls=":", lw=1)
-                row[1].text(d["distinct"], row[1].get_ylim()[1], f" distinct {n}-grams", fontsize=7, va="top", rotation=90)
+                for x, ls, what in ((d["distinct"], ":", "split"), (d["seen_by_a_run"], "-.", "one run")):
+                    row[1].axvline(x, color="0.3", ls=ls, lw=1)
+                    row[1].text(x, row[1].get_ylim()[1], f" {n}-grams ({what})", fontsize=7, va="top", rotation=90)
         row[0].legend(fontsize=8)
     fig.suptitle("Memory scaling: fixed MoE backbone (bars: ± sd over seeds)")
     fig.tight_layout()

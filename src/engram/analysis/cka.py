@@ -22,6 +22,7 @@ Shape legend: N token positions, D feature width, La / Lb blocks of models A / B
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -79,7 +80,12 @@ def cka_matrix(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor]) -> torc
 
 
 def soft_alignment(cka_AB: torch.Tensor, k: int = 5) -> list[float]:
-    """For each row (block of A): the CKA-weighted mean column index of its top-k columns (blocks of B)."""
+    """For each row (block of A): the CKA-weighted mean column index of its top-k columns (blocks of B).
+
+    With k near B's depth every row averages nearly all columns and the alignment flattens towards the
+    middle index: a shallow model needs a smaller k."""
+    if k < 1:
+        raise ValueError(f"top-k must be >= 1, got {k}")
     k = min(k, cka_AB.shape[1])
     vals, idx = cka_AB.topk(k, dim=1)
     w = vals.clamp_min(0.0)  # the unbiased estimator can dip just below 0 for unrelated blocks
@@ -122,7 +128,8 @@ def plot_cka(res: dict, out_png: str | Path, label_a: str, label_b: str) -> Path
     m = res["cka"]
     la, lb = len(m), len(m[0])
     fig, ax = plt.subplots(figsize=(1.6 + 0.55 * lb, 1.4 + 0.5 * la))
-    im = ax.imshow(m, origin="lower", cmap="magma", vmin=0.0, vmax=1.0, aspect="auto")
+    lo = math.floor(min(min(row) for row in m) * 10) / 10  # colours from the lowest tenth reached, up to 1
+    im = ax.imshow(m, origin="lower", cmap="magma", vmin=lo, vmax=1.0, aspect="auto")
     ax.plot(res["alignment_a_in_b"], range(la), color="cyan", marker="o", ms=3, lw=1,
             label=f"soft alignment (top-{res['top_k']})")
     ax.set_xlabel(f"block of {label_b}")

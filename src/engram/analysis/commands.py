@@ -49,7 +49,7 @@ def cmd_cka(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     from engram.analysis.runs import analyze_cka
 
     res = analyze_cka(args.run, args.run2, args.out, args.corpus, args.file, args.batches, args.batch_size,
-                      args.seq_len, args.max_tokens, args.dtype, args.cache_dir)
+                      args.seq_len, args.max_tokens, args.dtype, args.cache_dir, args.top_k)
     print(f"linear CKA (unbiased HSIC) over {res['tokens']:,} tokens of {res['source']}; rows: blocks of {args.run}", file=out)
     for i, row in enumerate(res["cka"]):
         print(f"  block {i}: " + " ".join(f"{v:.3f}" for v in row)
@@ -98,6 +98,8 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--seq-len", type=int, help="default: the first run's training sequence length")
     c.add_argument("--max-tokens", type=int, default=8192, help="positions compared (default 8192)")
+    c.add_argument("--top-k", type=int, default=5,
+                   help="blocks averaged in the soft alignment (default 5, the paper's; use fewer for shallow models)")
     _common(c, "runs/analysis")
     c.set_defaults(func=cmd_cka)
 

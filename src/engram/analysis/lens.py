@@ -64,13 +64,13 @@ def plot_logit_lens(curves: dict[str, dict], out_png: str | Path, title: str | N
     from engram.io import atomic_write
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for label, res in curves.items():
-        kl = [max(k, 1e-6) for k in res["kl"]]  # the last block's 0 on a log axis
-        ax.plot(res["blocks"], kl, marker="o", label=label)
+    for label, res in curves.items():  # the last block's KL is 0 by construction: not on a log axis
+        ax.plot(res["blocks"][:-1], res["kl"][:-1], marker="o", label=label)
     ax.set_yscale("log")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("block (its output read through the final norm and LM head)")
     ax.set_ylabel("KL(final || block) [nats/token]")
-    ax.set_title(title or "LogitLens")
+    ax.set_title((title or "LogitLens") + "\n(the last block's KL is 0 by construction: not drawn)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()

@@ -65,13 +65,14 @@ def analyze_logit_lens(runs: list[str | Path], out_dir: str | Path, corpus: str 
 
 def analyze_cka(run_a: str | Path, run_b: str | Path, out_dir: str | Path, corpus: str | None = None,
                 file: str | Path | None = None, batches: int = 4, batch_size: int = 8, seq_len: int | None = None,
-                max_tokens: int | None = 8192, dtype: str = "fp32", cache_dir: str | Path | None = None) -> dict:
+                max_tokens: int | None = 8192, dtype: str = "fp32", cache_dir: str | Path | None = None,
+                top_k: int = 5) -> dict:
     """Linear CKA of every block pair of two runs on the same tokens, soft alignments: cka.png, cka.json."""
     a, b = load_run(run_a), load_run(run_b)
     if a.config["tokenizer"] != b.config["tokenizer"]:
         raise ValueError(f"{run_a} and {run_b} use different tokenizers: CKA needs both models on the same tokens")
     data, source = heldout_batches(a.tokenizer, corpus, file, batches, batch_size, _seq_len(a, seq_len), cache_dir)
-    res = {**compare_models(a.model, b.model, data, dtype, max_tokens), "run_a": str(run_a), "run_b": str(run_b),
+    res = {**compare_models(a.model, b.model, data, dtype, max_tokens, top_k), "run_a": str(run_a), "run_b": str(run_b),
            "source": source}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
