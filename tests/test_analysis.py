@@ -327,3 +327,44 @@ def test_ablation_on_a_trained_run(runs, tmp_path):
     assert math.isclose(float(s["p_answer"][0]), float(p[probe.answer]), rel_tol=1e-5)
     with pytest.raises(ValueError, match="no Engram layer"):
         analyze_ablation(runs["moe"], tmp_path, n_probes=5, n_in_context=5, heldout=0, cache_dir=runs["cache"])
+
+
+# -------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_inputs_are_named(mini_cache, tmp_path):
+    from engram.analysis.heldout import heldout_batches
+    from engram.analysis.lens import autocast
+
+    tok = load_tokenizer(mini_cache / "tok512.json")
+    with pytest.raises(FileNotFoundError, match="no such text file"):
+        heldout_batches(tok, file=tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="exactly one"):
+        heldout_batches(tok)
+    with pytest.raises(ValueError, match="unknown corpus"):
+        heldout_batches(tok, corpus="nope", cache_dir=mini_cache)
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(ValueError, match="short.txt: .*too few tokens"):
+        heldout_batches(tok, file=tmp_path / "short.txt")
+    with pytest.raises(ValueError, match="single-token words, the in-context probes need 20000"):
+        key_value_probes(tok, 1, pairs=10_000)
+    with pytest.raises(ValueError, match="top-k"):
+        soft_alignment(torch.eye(3), k=0)
+    with pytest.raises(ValueError, match="dtype"):
+        autocast(_random_model(), "fp16")
+
+
+@pytest.mark.slow  # trains two tiny runs once (session fixture)
+def test_cka_refuses_runs_with_different_tokenizers(runs, tmp_path, monkeypatch):
+    import engram.analysis.runs as analysis_runs
+    from engram.infer import load_run
+
+    def load_other(path):
+        lr = load_run(path)
+        if str(path).endswith("moe"):
+            lr.config = {**lr.config, "tokenizer": "another"}
+        return lr
+
+    monkeypatch.setattr(analysis_runs, "load_run", load_other)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        analysis_runs.analyze_cka(runs["engram"], runs["moe"], tmp_path, corpus="mini", cache_dir=runs["cache"])

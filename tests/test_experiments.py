@@ -162,3 +162,17 @@ def test_quick_experiment_end_to_end(mini_cache, tmp_path, capsys):
     # another budget is another configuration: everything would be trained again
     res = run_experiment("iso", "quick", tokens=1024, dtype="fp32", results=results, runs=runs, dry_run=True)
     assert res["skipped"] == [] and len(res["planned"]) == 6
+
+
+def test_bad_experiment_arguments_are_named(capsys):
+    from experiments.__main__ import main
+
+    with pytest.raises(ValueError, match="unknown experiment 'nope'"):
+        plan_experiment("nope", "quick")
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        plan_experiment("iso", "quick", seeds=0)
+    with pytest.raises(ValueError, match="no variant 'x'"):
+        experiments(SIZES["quick"])["iso"].variant("x")
+    with pytest.raises(SystemExit):
+        main(["run", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
