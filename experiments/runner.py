@@ -151,8 +151,19 @@ def git_state() -> dict:
 def machine() -> dict:
     import torch
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {"platform": platform.platform(), "processor": _cpu_model() or platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -160,7 +171,6 @@ def machine() -> dict:
 
 def run_one(plan: RunPlan, results: Path, runs: Path, cache_dir: Path | None = None, progress: bool = False) -> dict:
     """Train (or resume) one run, evaluate it on the held-out sets, write and return its summary."""
-    from engram.infer import evaluate_run
     from engram.train.trainer import train  # the library's training function (the runner's one entry into it)
 
     run_dir = Path(runs) / plan.size / plan.experiment / plan.name
@@ -170,12 +180,7 @@ def run_one(plan: RunPlan, results: Path, runs: Path, cache_dir: Path | None = N
                 label=f"{plan.variant} s{plan.seed}")
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    held_out = {}
-    for corpus, batches in plan.eval_sets:
-        r = evaluate_run(str(run_dir), corpus=corpus, batches=batches, batch_size=plan.train.batch_size,
-                         seq_len=plan.train.seq_len, cache_dir=str(cache_dir) if cache_dir else None)
-        held_out[corpus] = {"loss": r["loss"], "ppl": r["ppl"], "tokens": r["tokens"], "source": r["source"]}
-    eval_s = time.perf_counter() - t1
+    held_out = evaluate_held_out(plan, run_dir, cache_dir)
     records = res.metrics
     summary = {
         "format": SUMMARY_FORMAT,
@@ -193,7 +198,7 @@ def run_one(plan: RunPlan, results: Path, runs: Path, cache_dir: Path | None = N
         "final_train_loss": records[-1]["train_loss"] if records else None,
         "val_curve": [[r["step"], r["val_loss"]] for r in records if "val_loss" in r],
         "tokens_per_s": res.tokens_per_s,
-        "wall_seconds": {"train": train_s, "eval": eval_s},
+        "wall_seconds": {"train": train_s, "eval": time.perf_counter() - t1},
         "resumed_from_step": resumed_from,
         "machine": machine(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -203,6 +208,18 @@ def run_one(plan: RunPlan, results: Path, runs: Path, cache_dir: Path | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, summary)
     return summary
+
+
+def evaluate_held_out(plan: RunPlan, run_dir: Path, cache_dir: Path | None) -> dict[str, dict]:
+    """Loss on each held-out set of the plan (``engram.infer.evaluate_run``, the run's own batch shape)."""
+    from engram.infer import evaluate_run
+
+    out = {}
+    for corpus, batches in plan.eval_sets:
+        r = evaluate_run(str(run_dir), corpus=corpus, batches=batches, batch_size=plan.train.batch_size,
+                         seq_len=plan.train.seq_len, cache_dir=str(cache_dir) if cache_dir else None)
+        out[corpus] = {"loss": r["loss"], "ppl": r["ppl"], "tokens": r["tokens"], "source": r["source"]}
+    return out
 
 
 def _last_step(run_dir: Path) -> int | None:
