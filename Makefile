@@ -6,7 +6,7 @@ export MALLOC_MMAP_THRESHOLD_ := 2147483647
 export MALLOC_TRIM_THRESHOLD_ := 8589934592
 export MALLOC_TOP_PAD_ := 536870912
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-unit test-slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,8 +23,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
+test-unit: setup
+	$(PY) -m pytest -m 'not slow and not gpu and not integration'
+
 test-slow: setup
-	$(PY) -m pytest -m slow || [ $$? -eq 5 ]  # 5: no slow test collected
+	$(PY) -m pytest -m 'slow and not gpu' || [ $$? -eq 5 ]  # 5: no slow test collected
 
 bench: setup
 	for b in hashing lookup step train; do $(VENV)/bin/engram bench $$b; done

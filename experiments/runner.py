@@ -2,7 +2,7 @@
 
 A run is identified by its config hash: sha256 of the canonical JSON of its model config, training config
 and evaluation sets (16 hex digits). The runner skips a run only when a summary carrying that hash exists;
-anything else is trained with ``resume=True``, so an interrupted run continues from its newest
+anything else is trained with ``resume="auto"``, so an interrupted run continues from its newest
 checkpoint (bit-exactly, see docs/training.md) and an experiment can be finished across sessions.
 
 Layout (``results`` is committed; ``runs`` holds checkpoints and is not):
@@ -176,7 +176,7 @@ def run_one(plan: RunPlan, results: Path, runs: Path, cache_dir: Path | None = N
     run_dir = Path(runs) / plan.size / plan.experiment / plan.name
     resumed_from = _last_step(run_dir)
     t0 = time.perf_counter()
-    res = train(plan.model, plan.train, run_dir, resume=True, cache_dir=cache_dir, progress=progress,
+    res = train(plan.model, plan.train, run_dir, resume="auto", cache_dir=cache_dir, progress=progress,
                 label=f"{plan.variant} s{plan.seed}")
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()

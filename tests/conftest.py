@@ -9,6 +9,33 @@ for p in (os.path.join(ROOT, "src"), os.path.join(ROOT, "tests")):
 
 import pytest  # noqa: E402
 
+# Tiers (README "Development"): `make test-unit` runs what needs neither prepared corpora nor training runs
+# (seconds, offline); `make test` adds the integration tests (real corpora, trained BPEs, CLI processes);
+# `make test-slow` the end-to-end runs. A test is "integration" when its module says so or it uses one of
+# these fixtures (they prepare real corpora).
+INTEGRATION_FIXTURES = {"mini_cache", "mini", "mini_dir", "tok", "trained"}
+STRICT_SKIPS_ENV = "ENGRAM_STRICT_SKIPS"  # CI sets it: a skipped test (other than gpu) fails the run
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get(STRICT_SKIPS_ENV) and not item.get_closest_marker("gpu"):
+        # in CI every dependency is installed and every corpus reachable: a skip hides a broken set-up
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI ({STRICT_SKIPS_ENV}=1), which counts as a failure: {report.longrepr}"
+
 
 @pytest.fixture(scope="session")
 def mini_cache(tmp_path_factory):
@@ -31,3 +58,17 @@ def mini_cache(tmp_path_factory):
     tok_path = cache / "tok512.json"
     train_corpus_tokenizer(corpus, 512, tok_path, max_bytes=2_000_000)
     return cache
+
+
+@pytest.fixture(scope="session")
+def stdlib_bpe():
+    """A 512-id byte-level BPE trained on real text (three stdlib modules' source), in well under a second;
+    ``<|endoftext|>`` is id 0. For tests whose models must stay small."""
+    import argparse
+    import inspect
+    import pathlib
+    import textwrap
+
+    from engram.data.bpe import train_bpe
+
+    return train_bpe([pathlib.Path(m.__file__).read_text() for m in (argparse, inspect, textwrap)], 512)

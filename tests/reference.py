@@ -54,8 +54,11 @@ def ref_multipliers(layer, seed, compressed_vocab, max_ngram):
     return [int(v) * 2 + 1 for v in r]
 
 
-def ref_hash(ids, lookup, layers, max_ngram, heads, table_sizes, seed, pad_id, segments=None):
-    """ids: list of rows (lists of raw ids). Returns {layer: [[[index per head] per position] per row]}."""
+def ref_hash(ids, lookup, layers, max_ngram, heads, table_sizes, seed, pad_id, segments=None, token_mask=None):
+    """ids: list of rows (lists of raw ids). Returns {layer: [[[index per head] per position] per row]}.
+
+    token_mask: rows of bools, True = real token; a position reads token t-k only if none of t-k..t is
+    masked (DeepSeek-V4.1's rule)."""
     lookup = [int(v) for v in lookup]
     vprime = max(lookup) + 1
     pad = lookup[pad_id]
@@ -67,6 +70,7 @@ def ref_hash(ids, lookup, layers, max_ngram, heads, table_sizes, seed, pad_id, s
         for b, row in enumerate(ids):
             comp = [lookup[t] for t in row]
             seg = segments[b] if segments is not None else [0] * len(row)
+            real = token_mask[b] if token_mask is not None else [True] * len(row)
             pos_out = []
             for t in range(len(row)):
                 # token t-k, or pad when before the sequence or in another (earlier) document
@@ -74,6 +78,8 @@ def ref_hash(ids, lookup, layers, max_ngram, heads, table_sizes, seed, pad_id, s
                     if t - k < 0:
                         return pad
                     if any(seg[t - j] != seg[t - j + 1] for j in range(1, k + 1)):
+                        return pad
+                    if not all(real[t - j] for j in range(k + 1)):
                         return pad
                     return comp[t - k]
 
@@ -97,22 +103,33 @@ def ref_rmsnorm(x, weight, eps=1e-6):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight.double()
 
 
-def ref_fusion(h, e, value_w, key_w, q_w, k_w, conv_norm_w=None, conv_w=None, dilation=3, signed_sqrt=True, segments=None):
+def ref_fusion(h, e, value_w, key_w, q_w, k_w, conv_norm_w=None, conv_w=None, dilation=3, signed_sqrt=True, segments=None,
+               *, value_b=None, key_b=None, gate_eps=1e-6, conv_eps=1e-6, use_gate=True, token_mask=None):
     """Per-branch loop of Engram fusion in float64.
 
     h [B, T, M, D], e [B, T, E], value_w [D, E], key_w [M*D, E], q_w/k_w [M, D],
-    conv_norm_w [M, D], conv_w [M*D, K] (tap j reads j*dilation steps back). Returns (Y, gate [B, T, M]).
+    conv_norm_w [M, D], conv_w [M*D, K] (tap j reads j*dilation steps back); optional biases value_b [D],
+    key_b [M*D]; use_gate=False fixes the gate at 1; token_mask [B, T] bool (True = real) zeroes the gate
+    and the output at masked positions. Returns (Y, gate [B, T, M]).
     """
     h, e = h.double(), e.double()
     B, T, M, D = h.shape
     v = e @ value_w.double().T
+    if value_b is not None:
+        v = v + value_b.double()
+    keep = token_mask.double() if token_mask is not None else torch.ones(B, T, dtype=torch.float64)
     gates, vts = [], []
     for m in range(M):
-        k = e @ key_w.double()[m * D : (m + 1) * D].T
-        s = (ref_rmsnorm(h[:, :, m], q_w[m]) * ref_rmsnorm(k, k_w[m])).sum(-1) / math.sqrt(D)
-        if signed_sqrt:
-            s = torch.sign(s) * torch.sqrt(torch.clamp(s.abs(), min=1e-6))
-        g = torch.sigmoid(s)
+        if use_gate:
+            k = e @ key_w.double()[m * D : (m + 1) * D].T
+            if key_b is not None:
+                k = k + key_b.double()[m * D : (m + 1) * D]
+            s = (ref_rmsnorm(h[:, :, m], q_w[m], gate_eps) * ref_rmsnorm(k, k_w[m], gate_eps)).sum(-1) / math.sqrt(D)
+            if signed_sqrt:
+                s = torch.sign(s) * torch.sqrt(torch.clamp(s.abs(), min=1e-6))
+            g = torch.sigmoid(s) * keep
+        else:
+            g = keep.clone()
         gates.append(g)
         vts.append(g.unsqueeze(-1) * v)
     vt = torch.stack(vts, 2)
@@ -120,7 +137,7 @@ def ref_fusion(h, e, value_w, key_w, q_w, k_w, conv_norm_w=None, conv_w=None, di
     if conv_w is None:
         return vt, gate
     K = conv_w.shape[1]
-    z = torch.cat([ref_rmsnorm(vt[:, :, m], conv_norm_w[m]) for m in range(M)], dim=-1)  # [B, T, C]
+    z = torch.cat([ref_rmsnorm(vt[:, :, m], conv_norm_w[m], conv_eps) for m in range(M)], dim=-1)  # [B, T, C]
     y = torch.zeros_like(z)
     for b in range(B):
         for t in range(T):
@@ -132,7 +149,7 @@ def ref_fusion(h, e, value_w, key_w, q_w, k_w, conv_norm_w=None, conv_w=None, di
                     continue
                 y[b, t] += z[b, src] * conv_w[:, j].double()
     y = F.silu(y).reshape(B, T, M, D)
-    return vt + y, gate
+    return (vt + y) * keep[:, :, None, None], gate
 
 
 # ----------------------------------------------------------------------------------------- analysis

@@ -14,6 +14,8 @@ import pytest
 from engram.cli import main
 from reference import ref_hash
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,13 +38,14 @@ def run_line(line: str, cwd: Path, cache: Path, timeout: int = 600) -> str:
 
 def test_every_subcommand_has_a_readme_example():
     subs = {shlex.split(line)[1] for line in readme_examples()}
-    assert subs == {"hash", "data", "train", "eval", "generate", "gates", "analyze", "bench", "demo"}
+    assert subs == {"hash", "data", "train", "eval", "generate", "gates", "tables", "analyze", "bench", "demo"}
     analyses = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "analyze"}
     assert analyses == {"gates", "logit-lens", "cka", "ablate"}
     benches = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "bench"}
-    assert benches == {"hashing", "lookup", "step", "train"}
+    assert benches == {"hashing", "lookup", "step", "train", "optim", "storage"}
 
 
+@pytest.mark.slow
 def test_readme_examples_run(mini_cache, tmp_path):
     outputs = {}
     for line in readme_examples():
@@ -107,3 +110,34 @@ def test_readme_library_example_runs(capsys):
     exec(compile(code, "README.md#library", "exec"), {})
     printed = capsys.readouterr().out.split()
     assert int(printed[0]) > 0 and printed[1:] == ["torch.Size([2,", "32,", "1])"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--out", "x", "--lr", "inf"], "argument --lr: must be a finite number"),
+    (["train", "--out", "x", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["train", "--out", "x", "--steps", "0"], "argument --steps: must be >= 1"),
+    (["train", "--out", "x", "--resume", "maybe"], "argument --resume: expected nothing or 'auto'"),
+    (["eval", "run", "--corpus", "mini", "--batches", "0"], "argument --batches: must be >= 1, got 0"),
+    (["eval", "run", "--corpus", "mini", "--seq-len", "0"], "argument --seq-len: must be >= 1"),
+    (["generate", "run", "--prompt", "x", "--top-k", "0"], "argument --top-k: must be >= 1"),
+    (["generate", "run", "--prompt", "x", "--top-p", "1.5"], "argument --top-p: must be <= 1"),
+    (["generate", "run", "--prompt", "x", "--top-p", "0"], "argument --top-p: must be > 0"),
+    (["generate", "run", "--prompt", "x", "--temperature", "nan"], "argument --temperature: must be a finite number"),
+    (["generate", "run", "--prompt", "x", "--temperature", "-1"], "argument --temperature: must be >= 0"),
+    (["generate", "run", "--prompt", "x", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be >= 0"),
+])
+def test_bad_options_name_the_option(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_errors_about_files_are_one_clear_line(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--preset", "debug", "--out", str(tmp_path / "afile")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nothing"), "--corpus", "mini"]) == 2
+    assert "no run at" in capsys.readouterr().err
+    assert main(["bench", "hashing", "--quick", "--json-out", str(tmp_path)]) == 2  # a directory, not a file
+    err = capsys.readouterr().err
+    assert "Is a directory" in err and "Traceback" not in err

@@ -8,6 +8,8 @@ from tokenizers import Tokenizer, models
 
 from engram.data.bpe import EOT, eot_id, load_tokenizer, tokenizer_fingerprint, train_bpe, train_corpus_tokenizer
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):

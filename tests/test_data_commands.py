@@ -11,6 +11,8 @@ from test_data_corpora import DOWNLOADS, prepare_or_skip
 from engram.data.bpe import load_tokenizer
 from engram.data.commands import add_data_parser
 
+pytestmark = pytest.mark.integration
+
 
 def run(argv: list[str]) -> str:
     parser = argparse.ArgumentParser(prog="engram")

@@ -16,6 +16,8 @@ import pytest
 from engram.data import corpora, fetch
 from engram.data.corpora import CORPORA, CorpusUnavailable, Document, brown_detag, default_cache_dir, prepare, split_of
 
+pytestmark = pytest.mark.integration
+
 DOWNLOADS = default_cache_dir() / "downloads"
 
 
@@ -68,6 +70,19 @@ def test_incomplete_cache_is_rebuilt(tmp_path):
     assert corpora.load_cached("mini", tmp_path) is None
     rebuilt = prepare("mini", tmp_path, download_dir=DOWNLOADS, fetch=False)
     assert [d.key for d in rebuilt.documents] == [d.key for d in first.documents]
+
+
+def test_damaged_cache_is_rebuilt(tmp_path):
+    first = prepare_or_skip("mini", tmp_path)
+    docs = tmp_path / "corpora" / "mini" / "documents.jsonl"
+    data = docs.read_bytes()
+    docs.write_bytes(data[: len(data) // 2])  # truncated: every byte is covered by meta.json's sha256
+    with pytest.warns(UserWarning, match="rebuilding the corpus cache.*sha256"):
+        assert corpora.load_cached("mini", tmp_path) is None
+    with pytest.warns(UserWarning):
+        rebuilt = prepare("mini", tmp_path, download_dir=DOWNLOADS, fetch=False)
+    assert [d.key for d in rebuilt.documents] == [d.key for d in first.documents]
+    assert docs.read_bytes() == data
 
 
 def test_stdlib_slice_is_deterministic():

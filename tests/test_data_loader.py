@@ -227,3 +227,20 @@ def test_dropping_a_loader_stops_its_thread(ds):
     gc.collect()
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def test_a_stuck_loader_thread_times_out_clearly(ds):
+    import time
+
+    def slow_hash(ids, seg):
+        time.sleep(1.5)
+        return ids
+
+    loader = TrainLoader(ds, 2, 8, hash_fn=slow_hash, timeout=0.3)
+    with pytest.raises(TimeoutError, match="produced no batch in 0.3 s"):
+        next(loader)
+    loader.close()
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        TrainLoader(ds, 2, 8, timeout=0)
+    with pytest.raises(ValueError, match="batches must be >= 1"):
+        EvalLoader(ds, 2, 8, 0)

@@ -96,6 +96,12 @@ def test_index_and_shard_must_agree(tmp_path):
     index = json.loads((tmp_path / "index.json").read_text())
     index["shards"][0]["n_tokens"] = 14
     (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=f"checksum mismatch.*delete {tmp_path}"):  # any changed byte
+        TokenDataset(tmp_path)
+    from engram.data.shards import _index_checksum
+
+    index["checksum"] = _index_checksum(index)  # consistent index, inconsistent with the shard
+    (tmp_path / "index.json").write_text(json.dumps(index))
     with pytest.raises(ShardError, match="does not match its entry"):
         TokenDataset(tmp_path)
     (tmp_path / "index.json").write_text("{")
@@ -152,3 +158,22 @@ def test_prepare_tokens_matches_plain_encoding_and_caches(mini, tok, tmp_path):
     fewer = Corpus("mini", [d for d in small.documents if d is not dropped], 0.3)
     prepare_tokens(fewer, tok, tmp_path)  # different documents: same directory, rebuilt
     assert index.stat().st_mtime_ns != mtime
+
+
+def test_a_damaged_token_cache_is_rebuilt_not_used(mini, tok, tmp_path):
+    """One changed byte in the index (here the separator id) or a shard is caught and the cache rebuilt."""
+    small = Corpus("mini", mini.documents[::9], 0.3)
+    ds = prepare_tokens(small, tok, tmp_path)["train"]
+    want = [ds.doc(i).tolist() for i in range(ds.n_docs)]
+    index_path = ds.directory / "index.json"
+    index_path.write_text(index_path.read_text().replace('"eot_id": 0', '"eot_id": 1'))
+    with pytest.warns(UserWarning, match="rebuilding the token cache"):
+        again = prepare_tokens(small, tok, tmp_path)["train"]
+    assert again.eot_id == 0 and [again.doc(i).tolist() for i in range(again.n_docs)] == want
+    shard = ds.directory / "shard_00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[HEADER.size + 3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        again = prepare_tokens(small, tok, tmp_path)["train"]
+    assert [again.doc(i).tolist() for i in range(again.n_docs)] == want

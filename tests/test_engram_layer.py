@@ -162,3 +162,101 @@ def test_table_built_on_meta_then_loaded_looks_up_the_right_rows():
     ids = torch.tensor([[[4, 6, 10], [0, 1, 2]]])
     assert torch.equal(t(ids), src(ids))
     assert list(src.state_dict()) == ["weight"]  # offsets are structure, not checkpoint state
+
+
+# ------------------------------------------------------------------ reference settings: biases, eps, gate, mask
+
+
+def make_fusion_with(M=2, conv=True, bias=False, gate_eps=1e-6, conv_eps=1e-6, use_gate=True, seed=0):
+    torch.manual_seed(seed)
+    f = EngramFusion(24, 16, M, conv_kernel=4 if conv else None, conv_dilation=3, bias=bias, gate_eps=gate_eps,
+                     conv_eps=conv_eps, use_gate=use_gate)
+    f.reset_parameters()
+    with torch.no_grad():  # everything non-trivial, biases included
+        for name, p in f.named_parameters():
+            if name.endswith("bias") or name == "short_conv.weight":
+                p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return f
+
+
+def ref_of_with(f, h, e, token_mask=None):
+    c = f.short_conv
+    return ref_fusion(
+        h, e, f.value_proj.weight, f.key_proj.weight if f.use_gate else None,
+        f.norm_q.weight if f.use_gate else None, f.norm_k.weight if f.use_gate else None,
+        c.norm.weight if c else None, c.weight if c else None, 3, True, None,
+        value_b=f.value_proj.bias, key_b=f.key_proj.bias if f.use_gate and f.key_proj.bias is not None else None,
+        gate_eps=f.norm_q.eps if f.use_gate else 0.0, conv_eps=c.norm.eps if c else 0.0, use_gate=f.use_gate,
+        token_mask=token_mask,
+    )
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [dict(bias=True), dict(gate_eps=1e-20, conv=False), dict(gate_eps=2**-23, conv_eps=1e-5, bias=True),
+     dict(use_gate=False), dict(use_gate=False, conv=False)],
+)
+def test_fusion_options_match_reference(opts):
+    f = make_fusion_with(**opts)
+    h, e = torch.randn(2, 11, 2, 16) * 1e-3, torch.randn(2, 11, 24)  # small h: the epsilons matter
+    mask = torch.rand(2, 11, generator=torch.Generator().manual_seed(0)) > 0.3
+    for m in (None, mask):
+        y, g = f(h, e, token_mask=m)
+        ry, rg = ref_of_with(f, h, e, m)
+        torch.testing.assert_close(g.double(), rg, **TOL)
+        torch.testing.assert_close(y.double(), ry, **TOL)
+
+
+def test_gate_epsilon_changes_small_hidden_states():
+    """The reason the epsilon is a setting: with |h| ~ 1e-4 it dominates RMSNorm's denominator."""
+    h, e = torch.randn(2, 9, 2, 16) * 1e-4, torch.randn(2, 9, 24)
+    a = make_fusion_with(conv=False, gate_eps=1e-20)
+    b = make_fusion_with(conv=False, gate_eps=1e-6)
+    assert (a(h, e)[1] - b(h, e)[1]).abs().max() > 0.05
+
+
+def test_default_state_dict_keys_are_unchanged_and_options_add_only_their_own():
+    base = {"value_proj.weight", "key_proj.weight", "norm_q.weight", "norm_k.weight", "short_conv.weight",
+            "short_conv.norm.weight"}
+    assert set(EngramFusion(24, 16, 2).state_dict()) == base
+    assert set(EngramFusion(24, 16, 2, bias=True).state_dict()) == base | {"value_proj.bias", "key_proj.bias"}
+    assert set(EngramFusion(24, 16, 2, use_gate=False).state_dict()) == {
+        "value_proj.weight", "short_conv.weight", "short_conv.norm.weight"}  # no unused gate parameters
+    f = EngramFusion(24, 16, 2, bias=True)
+    f.reset_parameters()
+    assert not f.value_proj.bias.any() and not f.key_proj.bias.any()  # biases start at zero
+
+
+def test_without_gate_alpha_is_one():
+    f = make_fusion_with(conv=False, use_gate=False)
+    h, e = torch.randn(2, 5, 2, 16), torch.randn(2, 5, 24)
+    y, g = f(h, e)
+    assert torch.equal(g, torch.ones(2, 5, 2))
+    v = e @ f.value_proj.weight.T
+    assert torch.equal(y, v.unsqueeze(2).expand(2, 5, 2, 16))
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_token_mask_gives_exact_zero_at_masked_positions(conv):
+    f = make_fusion_with(conv=conv)
+    h, e = torch.randn(2, 12, 2, 16), torch.randn(2, 12, 24)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, 4:7] = False
+    mask[1, :3] = False
+    y, g = f(h, e, token_mask=mask)
+    assert not y[~mask].any() and not g[~mask].any()
+    assert y[mask].abs().min() > 0
+    with pytest.raises(ValueError, match=r"token_mask shape \(2, 11\)"):
+        f(h, e, token_mask=mask[:, :11])
+
+
+def test_token_mask_incremental_equals_full():
+    f = make_fusion_with(conv=True)
+    h, e = torch.randn(2, 10, 2, 16), torch.randn(2, 10, 24)
+    mask = torch.rand(2, 10, generator=torch.Generator().manual_seed(3)) > 0.3
+    full, _ = f(h, e, token_mask=mask)
+    state = f.short_conv.init_state(2)
+    outs = [f(h[:, t : t + 1], e[:, t : t + 1], conv_state=state, token_mask=mask[:, t : t + 1])[0] for t in range(10)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-6, rtol=1e-6)

@@ -215,11 +215,107 @@ def test_prefill_with_lengths_then_decode():
     assert torch.equal(out[1, 0], h(x[1:, :4])[0, 3])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# ------------------------------------------------------------------------------------------ token mask
+
+
+def random_mask(shape, seed, p_masked=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) >= p_masked  # True = real token
+
+
+@pytest.mark.parametrize("max_ngram", [2, 3, 4])
+def test_token_mask_matches_reference(max_ngram):
+    h = make(max_ngram, 2)
+    ids = torch.randint(0, V, (3, 20), generator=torch.Generator().manual_seed(max_ngram))
+    mask = random_mask(ids.shape, max_ngram)
+    seg = torch.tensor([[0] * 7 + [1] * 13, [0] * 20, [0] * 3 + [1] * 3 + [2] * 14])
+    for s in (None, seg):
+        want = ref_hash(ids.tolist(), LOOKUP, h.layers, max_ngram, 2, h.table_sizes_requested, 0, 2,
+                        None if s is None else s.tolist(), mask.tolist())
+        assert to_ref(h, h(ids, s, token_mask=mask)) == want
+
+
+def test_masked_token_is_all_pad_and_blocks_look_back():
+    h = make(4, 2)
+    x = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, 9, dtype=torch.bool)
+    mask[0, 4] = False  # one masked token: shorter than the look-back (3), so crossing would be visible
+    got = h(x, token_mask=mask)
+    all_pad = h(torch.tensor([[2]]))[0, 0]  # position 0 of a row holding the pad id: every read is pad
+    assert torch.equal(got[0, 4], all_pad)
+    assert torch.equal(got[0, :4], h(x[:, :4])[0])  # causal: earlier positions unchanged
+    assert torch.equal(got[0, 5:], h(x[:, 5:])[0])  # after the mask: as if the sequence started there
+    assert torch.equal(h(x, token_mask=torch.ones_like(mask)), h(x))  # all-real mask = no mask
+
+
+def test_left_padding_masked_hashes_like_the_unpadded_row():
+    h = make(3, 4)
+    x = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[0, :5] = False  # row 0: 5 left-pad positions (their ids are arbitrary)
+    got = h(x, token_mask=mask)
+    assert torch.equal(got[0, 5:], h(x[:1, 5:])[0])
+    assert torch.equal(got[1], h(x[1:])[0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(ids=ids_strategy, chunks=st.lists(st.integers(1, 5), min_size=1, max_size=6), seed=st.integers(0, 99))
+def test_incremental_with_token_mask_equals_full(ids, chunks, seed):
+    h = make(4, 3)
+    x = torch.tensor(ids)
+    mask = random_mask(x.shape, seed, p_masked=0.25)
+    full = h(x, token_mask=mask)
+    state = h.init_state(x.shape[0])
+    outs, t = [], 0
+    for c in chunks + [x.shape[1]]:
+        if t >= x.shape[1]:
+            break
+        outs.append(h.step(x[:, t : t + c], state, token_mask=mask[:, t : t + c]))
+        t += c
+    assert torch.equal(torch.cat(outs, 1), full)
+
+
+def test_incremental_token_mask_with_lengths():
+    """Right-padded prefill with a mask: positions beyond a row's length neither advance nor clear it."""
+    h = make(4, 2)
+    x = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[0, 2] = False
+    mask[1, 4] = False  # beyond row 1's prompt of 3 tokens: must not touch its history
+    state = h.init_state(2)
+    h.step(x[:, :5], state, lengths=torch.tensor([5, 3]), token_mask=mask[:, :5])
+    out = h.step(torch.stack([x[0, 5], x[1, 3]])[:, None], state)
+    assert torch.equal(out[0, 0], h(x[:1, :6], token_mask=mask[:1, :6])[0, 5])
+    assert torch.equal(out[1, 0], h(x[1:, :4])[0, 3])
+
+
+def test_token_mask_bad_input():
+    h = make()
+    x = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(TypeError, match="token_mask must be a bool tensor"):
+        h(x, token_mask=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token_mask shape \(2, 4\) != ids shape \(2, 5\)"):
+        h(x, token_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="token_mask shape"):
+        h.step(x, h.init_state(2), token_mask=torch.ones(1, 5, dtype=torch.bool))
+
+
+@pytest.mark.gpu
 def test_cpu_and_cuda_agree():
     h = make(4, 4)
     x = torch.randint(0, V, (4, 100))
     assert torch.equal(h(x), h(x.cuda()).cpu())
+
+
+@pytest.mark.gpu
+def test_token_mask_cpu_and_cuda_agree():
+    h = make(4, 4)
+    x = torch.randint(0, V, (4, 100))
+    mask = random_mask(x.shape, 5)
+    assert torch.equal(h(x, token_mask=mask), h(x.cuda(), token_mask=mask.cuda()).cpu())
+    state = h.init_state(4, "cuda")
+    steps = [h.step(x[:, t : t + 10].cuda(), state, token_mask=mask[:, t : t + 10].cuda()) for t in range(0, 100, 10)]
+    assert torch.equal(torch.cat(steps, 1).cpu(), h(x, token_mask=mask))
 
 
 def test_segment_ids_from_starts_errors():

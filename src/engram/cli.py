@@ -1,11 +1,13 @@
 """The ``engram`` command line: thin subcommands over library functions.
 
     engram hash      inspect a hash layout and the hash ids of a text
-    engram bench     benchmarks (hashing, lookup, step, train)
+    engram bench     benchmarks (hashing, lookup, step, train, optim)
     engram data      prepare corpora, train a tokenizer
     engram train     train a model
     engram eval      loss / perplexity of a checkpoint on a corpus or file
     engram generate  sample text from a checkpoint
+    engram gates     Engram gate per token of a text
+    engram tables    a run's tables as row files: export, info, verify, check
     engram demo      the end-to-end demo (baseline MoE vs Engram-MoE)
     engram analyze   look inside trained runs (gates, LogitLens, CKA, Engram-off ablation)
 """
@@ -15,7 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
+
+from engram.analysis.commands import add_analyze_parser, add_gates_parser
+from engram.argtypes import POS_INT
+from engram.bench.commands import add_bench_parser
+from engram.data.commands import add_data_parser
+from engram.infer.commands import add_infer_parsers, add_tables_parser
+from engram.train.commands import add_train_parser
 
 
 def _int_list(s: str) -> list[int]:
@@ -94,28 +103,6 @@ def _cmd_hash(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------- bench
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
-
-    mod = importlib.import_module(f"engram.bench.{args.which}")
-    kwargs = {}
-    if args.quick:
-        kwargs = getattr(mod, "QUICK", {})
-    res = mod.run(**kwargs)
-    print(res["table"])
-    if args.json_out:
-        from engram.io import atomic_write_json
-
-        atomic_write_json(args.json_out, {k: v for k, v in res.items() if k != "table"})
-    return 0
-
-
-BENCHES = ("hashing", "lookup", "step", "train")
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -136,35 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--json", action="store_true", help="print one JSON object")
     h.set_defaults(func=_cmd_hash)
 
-    b = sub.add_parser("bench", help="benchmarks against a baseline in the same run")
-    b.add_argument("which", choices=BENCHES)
-    b.add_argument("--quick", action="store_true", help="small sizes (seconds), for smoke tests")
-    b.add_argument("--json-out", help="also write the figures as JSON")
-    b.set_defaults(func=_cmd_bench)
-
-    for register in _optional_commands():
-        register(sub)
-
-    from engram.analysis.commands import add_analyze_parser
-
+    add_bench_parser(sub)
+    add_data_parser(sub)
+    add_train_parser(sub)
+    add_infer_parsers(sub)
+    add_tables_parser(sub)
+    add_gates_parser(sub)
     add_analyze_parser(sub)
+
+    d = sub.add_parser("demo", help="train tiny MoE and tiny Engram-MoE side by side on `mini` and compare")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=POS_INT, help="steps per model (default: the demo's budget)")
+    d.add_argument("--cache-dir")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=_cmd_demo)
     return p
 
 
-def _optional_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Subcommands whose modules live in their own packages."""
-    import importlib
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from engram.demo import run_demo
 
-    regs = []
-    for mod_name, fn in (("engram.data.commands", "add_data_parser"), ("engram.train.commands", "add_train_parsers")):
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name != mod_name:  # a real missing dependency, not an absent optional module
-                raise
-            continue
-        regs.append(getattr(mod, fn))
-    return regs
+    run_demo(args.out, steps=args.steps, cache_dir=args.cache_dir, progress=not args.no_progress)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,10 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()
     args = build_parser().parse_args(argv)
     from engram.data.fetch import CorpusUnavailable
+    from engram.io import RunLockedError
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, CorpusUnavailable) as e:
+    except (ValueError, OSError, TimeoutError, FloatingPointError, RunLockedError, CorpusUnavailable) as e:
+        # the user's mistake or the machine's state: one clear line, no traceback (bugs still trace)
         print(f"engram {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,6 +34,12 @@ class EngramConfig:
     (the reference's ``engram_vocab_size``); each head of each layer gets its own distinct prime at or
     above it. ``d_mem`` is the width of the concatenated retrieval e_t, split evenly over
     (max_ngram - 1) * heads heads. ``layers`` are block indices of the backbone.
+
+    Fusion options that express DeepSeek's reference settings (docs/interop.md; defaults are ours):
+    ``proj_bias`` adds biases to W_V and W_K (the public demo has them); ``gate_norm_eps`` is the RMSNorm
+    epsilon of the gate's query and key norms (demo: fp32 machine epsilon, V4.1: 1e-20); ``conv_norm_eps``
+    that of the short conv's norm (demo: 1e-5); ``use_gate=False`` is the paper's no-gate ablation: alpha
+    is fixed at 1, so the key projection and the gate norms are not built.
     """
 
     layers: tuple[int, ...] = (1,)
@@ -49,6 +56,10 @@ class EngramConfig:
     table_dtype: str = "float32"
     table_init_std: float = 1.0
     compress: bool = True  # apply tokenizer compression before hashing (ablation: False)
+    proj_bias: bool = False  # biases on the value and key projections
+    gate_norm_eps: float = 1e-6  # RMSNorm epsilon of the gate's query/key norms
+    conv_norm_eps: float = 1e-6  # RMSNorm epsilon of the short conv's norm
+    use_gate: bool = True  # False: alpha = 1 (ablation)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
@@ -75,6 +86,10 @@ class EngramConfig:
         _check(self.gate in ("per_branch", "single"), f"EngramConfig.gate must be 'per_branch' or 'single', got {self.gate!r}")
         _check(self.table_dtype in TABLE_DTYPES, f"EngramConfig.table_dtype must be one of {TABLE_DTYPES}, got {self.table_dtype!r}")
         _check(self.table_init_std > 0, "EngramConfig.table_init_std must be positive")
+        for name in ("gate_norm_eps", "conv_norm_eps"):
+            eps = getattr(self, name)
+            _check(isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0,
+                   f"EngramConfig.{name} must be a positive finite number, got {eps!r}")
 
     @property
     def total_heads(self) -> int:
@@ -155,11 +170,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            object.__setattr__(self, "moe", MoEConfig(**self.moe))
+            object.__setattr__(self, "moe", from_dict(MoEConfig, self.moe))
         if isinstance(self.engram, dict):
-            object.__setattr__(self, "engram", EngramConfig(**self.engram))
+            object.__setattr__(self, "engram", from_dict(EngramConfig, self.engram))
         if isinstance(self.overencoding, dict):
-            object.__setattr__(self, "overencoding", OverEncodingConfig(**self.overencoding))
+            object.__setattr__(self, "overencoding", from_dict(OverEncodingConfig, self.overencoding))
         _check(self.vocab_size >= 2, f"ModelConfig.vocab_size must be >= 2, got {self.vocab_size}")
         _check(self.d_model >= 1 and self.n_layers >= 1, "ModelConfig.d_model and n_layers must be >= 1")
         _check(self.n_heads >= 1 and self.n_kv_heads >= 1, "ModelConfig.n_heads and n_kv_heads must be >= 1")
@@ -208,10 +223,17 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
+    loader_timeout: float = 600.0  # seconds to wait for one batch from the loader thread before failing
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"):
             _check(getattr(self, name) >= 1, f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float):
+                _check(math.isfinite(v), f"TrainConfig.{f.name} must be a finite number, got {v}")
+        _check(self.seed >= 0, f"TrainConfig.seed must be >= 0, got {self.seed}")
+        _check(self.loader_timeout > 0, f"TrainConfig.loader_timeout must be positive, got {self.loader_timeout}")
         _check(self.lr > 0 and self.table_lr_mult > 0, "TrainConfig.lr and table_lr_mult must be positive")
         _check(self.weight_decay >= 0 and self.grad_clip >= 0 and self.warmup_steps >= 0,
                "TrainConfig.weight_decay, grad_clip and warmup_steps must be >= 0")
@@ -240,12 +262,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a config dataclass from ``to_dict`` output; unknown keys raise (no silent drift)."""
+    """Rebuild a config dataclass from ``to_dict`` output; unknown keys raise (no silent drift).
+
+    Missing keys take their defaults, so a config saved before a field existed still loads (every new
+    field's default keeps the earlier behaviour)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown fields {unknown}")
     return cls(**data)
+
+
+def with_defaults(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``to_dict`` output with every field added since it was saved set to its default, so a
+    config written before a field existed compares equal to today's config of the same run."""
+    return to_dict(from_dict(cls, data))
 
 
 def to_json(cfg: Any) -> str:
@@ -274,6 +307,7 @@ __all__ = [
     "preset",
     "to_dict",
     "from_dict",
+    "with_defaults",
     "to_json",
     "diff_configs",
 ]

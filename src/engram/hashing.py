@@ -16,7 +16,7 @@ once at construction, to draw the multipliers exactly as the reference does. All
 
 Shape legend:
     B batch, T time, L Engram layers, N max n-gram order, P = N - 1 history length,
-    O = N - 1 orders (2..N), K heads per order, H = O * K heads per layer.
+    O = N - 1 orders (2..N), K heads per order, H = O * K heads per layer, X = P + T (history, then chunk).
 Output hash ids: int64 [B, T, L, H], head axis order-major (all heads of order 2, then order 3, ...),
 each an index inside that head's own table (the table adds per-head offsets).
 """
@@ -142,6 +142,54 @@ def _check_ids(ids: torch.Tensor, vocab_size: int, name: str = "token ids") -> N
         raise ValueError(f"{name}: id {val} at position {pos} is outside the vocabulary [0, {vocab_size})")
 
 
+def _masked_positions(token_mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, T] bool, True where ``token_mask`` masks a token (the mask says True = real token)."""
+    if token_mask is None:
+        return None
+    if not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool:
+        got = token_mask.dtype if isinstance(token_mask, torch.Tensor) else type(token_mask).__name__
+        raise TypeError(f"token_mask must be a bool tensor (True = real token), got {got}")
+    if token_mask.shape != ids.shape:
+        raise ValueError(f"token_mask shape {tuple(token_mask.shape)} != ids shape {tuple(ids.shape)}")
+    return ~token_mask.to(ids.device)
+
+
+def _shift_right(x_BT: torch.Tensor, k: int) -> torch.Tensor:
+    """x at t - k, False before position 0 (bool [B, T])."""
+    if k == 0:
+        return x_BT
+    return torch.nn.functional.pad(x_BT[:, : max(x_BT.shape[1] - k, 0)], (min(k, x_BT.shape[1]), 0))
+
+
+def _read_pad(
+    N: int, segment_ids: torch.Tensor | None, masked_BT: torch.Tensor | None, device: torch.device
+) -> list[torch.Tensor]:
+    """For k = 0..N-1, bool [B, T]: position t reads the pad id in place of token t - k.
+
+    Documents: t - k is read only if no document opens at t - k + 1, ..., t.
+    Token mask (DeepSeek-V4.1's rule; its masked and incremental outputs match): t - k is read only if
+    none of t - k, ..., t is masked. So a masked position hashes as an all-pad n-gram (its own token reads as
+    pad too), and look-back never crosses a masked token: the first real token after a masked span sees
+    pad history, as at the start of a sequence. Tokens before the chunk (the history) are already
+    cleared by ``step``.
+    """
+    ref = segment_ids if segment_ids is not None else masked_BT
+    pad_BT = torch.zeros(ref.shape, dtype=torch.bool, device=device)
+    opens_BT = None
+    if segment_ids is not None:
+        seg = segment_ids.to(device)
+        opens_BT = torch.zeros_like(pad_BT)
+        opens_BT[:, 1:] = seg[:, 1:] != seg[:, :-1]  # position t opens a new document
+    out = []
+    for k in range(N):
+        if masked_BT is not None:
+            pad_BT = pad_BT | _shift_right(masked_BT, k)
+        if opens_BT is not None and k >= 1:
+            pad_BT = pad_BT | _shift_right(opens_BT, k - 1)
+        out.append(pad_BT)
+    return out
+
+
 class NgramHasher:
     """Maps raw token ids to Engram hash ids for every Engram layer at once.
 
@@ -252,15 +300,22 @@ class NgramHasher:
         ids: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
         check: bool = True,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hash ids [B, T, L, H] for raw ids [B, T]; n-grams never cross a change of ``segment_ids``."""
+        """Hash ids [B, T, L, H] for raw ids [B, T].
+
+        n-grams never cross a change of ``segment_ids`` [B, T]. ``token_mask`` [B, T] bool marks real tokens
+        (True) and masked ones (False: image tokens, left padding); see ``_read_pad`` for what a masked
+        token does to the n-grams around it.
+        """
         if ids.dim() != 2:
             raise ValueError(f"ids must be [B, T], got shape {tuple(ids.shape)}")
         if segment_ids is not None and segment_ids.shape != ids.shape:
             raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} != ids shape {tuple(ids.shape)}")
+        masked_BT = _masked_positions(token_mask, ids)
         x_BT = self.compress(ids, check)
         history_BP = torch.full((ids.shape[0], self.max_ngram - 1), self.pad_id, dtype=torch.int64, device=ids.device)
-        return self._hash(x_BT, history_BP, segment_ids)
+        return self._hash(x_BT, history_BP, segment_ids, masked_BT)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> HashState:
         """A fresh incremental state: every sequence starts with pad history, as at sequence start."""
@@ -274,45 +329,54 @@ class NgramHasher:
         state: HashState,
         lengths: torch.Tensor | None = None,
         check: bool = True,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hash a new chunk [B, T] continuing each sequence's history; updates ``state`` in place.
 
         ``lengths`` [B] (default all T) is how many leading tokens of each row are real; only those
         advance that row's history, so rows of different lengths decode together (length 0 = inactive).
-        Hash ids at padded positions are computed but meaningless.
+        Hash ids at padded positions are computed but meaningless. ``token_mask`` [B, T] (True = real
+        token) masks as in ``__call__``; a masked token also clears the history it leaves behind, so chunked
+        decoding gives the ids of one full call.
         """
         if ids.dim() != 2 or state.history.shape[0] != ids.shape[0]:
             raise ValueError(f"ids must be [B, T] with B = {state.history.shape[0]}, got {tuple(ids.shape)}")
+        masked_BT = _masked_positions(token_mask, ids)
         x_BT = self.compress(ids, check)
-        out = self._hash(x_BT, state.history, None)
-        P, T = self.max_ngram - 1, ids.shape[1]
-        ext_BPT = torch.cat([state.history, x_BT], dim=1)  # [B, P + T]
+        out = self._hash(x_BT, state.history, None, masked_BT)
+        B, T = ids.shape
+        P = self.max_ngram - 1
         if lengths is None:
-            state.history = ext_BPT[:, T:].contiguous()
-        else:
-            lengths = lengths.to(device=ids.device, dtype=torch.int64)
-            if bool(((lengths < 0) | (lengths > T)).any()):
-                raise ValueError(f"lengths must lie in [0, {T}], got {lengths.tolist()}")
-            idx_BP = lengths[:, None] + torch.arange(P, device=ids.device)[None, :]  # last P real ids
-            state.history = ext_BPT.gather(1, idx_BP)
+            lengths = torch.full((B,), T, dtype=torch.int64, device=ids.device)
+        lengths = lengths.to(device=ids.device, dtype=torch.int64)
+        if lengths.shape != (B,) or bool(((lengths < 0) | (lengths > T)).any()):
+            raise ValueError(f"lengths must be [B] = [{B}] values in [0, {T}], got {lengths.tolist()}")
+        ext_BX = torch.cat([state.history, x_BT], dim=1)  # [B, P + T]
+        if masked_BT is not None:  # what the next token sees: a masked token and all before it read as pad
+            real_BT = torch.arange(T, device=ids.device)[None, :] < lengths[:, None]
+            masked_BT = masked_BT & real_BT
+            later_BT = masked_BT.flip(1).cumsum(1).flip(1) > 0  # a real masked token at or after t
+            later_BX = torch.cat([later_BT[:, :1].expand(B, P), later_BT], dim=1)
+            ext_BX = torch.where(later_BX, self.pad_id, ext_BX)
+        idx_BP = lengths[:, None] + torch.arange(P, device=ids.device)[None, :]  # the last P real ids
+        state.history = ext_BX.gather(1, idx_BP)
         return out
 
-    def _hash(self, x_BT: torch.Tensor, history_BP: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    def _hash(
+        self,
+        x_BT: torch.Tensor,
+        history_BP: torch.Tensor,
+        segment_ids: torch.Tensor | None,
+        masked_BT: torch.Tensor | None,
+    ) -> torch.Tensor:
         _, mult_LN, mod_LOK = self._constants(x_BT.device)
         B, T = x_BT.shape
         N, P = self.max_ngram, self.max_ngram - 1
-        ext_BPT = torch.cat([history_BP, x_BT], dim=1)  # [B, P + T]; history precedes position 0
-        shifted = [ext_BPT[:, P - k : P - k + T] for k in range(N)]  # token at t - k, [B, T] each
-        if segment_ids is not None:
-            seg = segment_ids.to(x_BT.device)
-            start_BT = torch.zeros_like(seg, dtype=torch.bool)
-            start_BT[:, 1:] = seg[:, 1:] != seg[:, :-1]  # position t opens a new document
-            valid_BT = torch.ones_like(start_BT)
-            for k in range(1, N):
-                # token t-k belongs to t's document iff no document opens at t, t-1, ..., t-k+1
-                opened = start_BT if k == 1 else torch.nn.functional.pad(start_BT[:, : T - k + 1], (k - 1, 0))
-                valid_BT = valid_BT & ~opened
-                shifted[k] = torch.where(valid_BT, shifted[k], self.pad_id)
+        ext_BX = torch.cat([history_BP, x_BT], dim=1)  # [B, P + T]; history precedes position 0
+        shifted = [ext_BX[:, P - k : P - k + T] for k in range(N)]  # token at t - k, [B, T] each
+        if segment_ids is not None or masked_BT is not None:
+            pad_NBT = _read_pad(N, segment_ids, masked_BT, x_BT.device)
+            shifted = [torch.where(pad_BT, self.pad_id, tok_BT) for pad_BT, tok_BT in zip(pad_NBT, shifted)]
         # Layouts chosen by measurement on CPU: int64 products and XORs with time innermost (vectorised),
         # then the dividend materialised as [B, T, L, O, K] so the int64 fmod (the dominant cost) runs as
         # a plain same-shape loop: ~1.7x faster than a broadcasting fmod over a permuted view.

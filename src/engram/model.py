@@ -13,13 +13,16 @@ fuses once after the pre-mapping, with a single gate, and its output is distribu
 Hashing is a pure function of token ids and happens once for all Engram layers (``EngramLM.hash``),
 normally in the data loader; ``forward`` calls it only when no hash ids are passed.
 
+A token mask ([B, T] bool, True = real token; False for image tokens or left padding) makes masked
+tokens hash as padding and gives them a zero Engram gate (``NgramHasher``, ``EngramFusion``). It touches
+nothing else: attention masking is the caller's concern.
+
 Shape legend: B batch, T time, D d_model, M streams, V vocab, L Engram layers, H heads per Engram layer.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.config import ModelConfig
+from engram.config import EngramConfig, ModelConfig
 from engram.hashing import HashState, NgramHasher
 from engram.layers.attention import Attention, KVCache
 from engram.layers.engram import ConvState, EngramFusion, EngramLayer
@@ -35,6 +38,7 @@ from engram.layers.ffn import SwiGLU
 from engram.layers.hyper import HyperConnection, expand_streams, reduce_streams
 from engram.layers.moe import MoE
 from engram.layers.norms import RMSNorm
+from engram.memory.store import Placement
 from engram.memory.table import EngramTable
 
 
@@ -88,15 +92,19 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         conv_state: ConvState | None = None,
         lengths: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        rows_BTHD: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         gate = None
         if self.engram is not None:
             if self.hc_engram is None:  # per-branch gating, output added to every stream
-                y_BTMD, gate = self.engram(x_BTMD, hash_ids_BTH, segment_ids, conv_state, lengths)
+                y_BTMD, gate = self.engram(x_BTMD, hash_ids_BTH, segment_ids, conv_state, lengths, token_mask,
+                                           rows_BTHD)
                 x_BTMD = x_BTMD + y_BTMD.to(x_BTMD.dtype)
             else:  # single fusion after the pre-mapping
                 h_BTD, st = self.hc_engram.pre(x_BTMD)
-                y_BT1D, gate = self.engram(h_BTD.unsqueeze(2), hash_ids_BTH, segment_ids, conv_state, lengths)
+                y_BT1D, gate = self.engram(h_BTD.unsqueeze(2), hash_ids_BTH, segment_ids, conv_state, lengths,
+                                           token_mask, rows_BTHD)
                 x_BTMD = self.hc_engram.post(y_BT1D[:, :, 0], x_BTMD, st)
         h_BTD, st = self.hc_attn.pre(x_BTMD)
         a_BTD = self.attn(self.attn_norm(h_BTD), segment_ids if cache is None else None, cache, lengths)
@@ -109,14 +117,13 @@ class Block(nn.Module):
 class OverEncoding(nn.Module):
     """Baseline: hashed n-gram embeddings (same hasher) averaged with the token embedding at the input."""
 
-    def __init__(self, head_sizes: list[int], d_model: int) -> None:
+    def __init__(self, head_sizes: list[int], d_model: int, hash_layout: dict | None = None) -> None:
         super().__init__()
-        self.table = EngramTable(head_sizes, d_model)
+        self.table = EngramTable(head_sizes, d_model, name="overencoding", hash_layout=hash_layout)
 
     def reset_parameters(self, std: float) -> None:
-        with torch.no_grad():
-            if self.table.weight.device.type != "meta":
-                self.table.weight.normal_(0.0, std)
+        self.table.init_std = std
+        self.table.reset_parameters()
 
     def forward(self, x_BTD: torch.Tensor, hash_ids_BTH: torch.Tensor) -> torch.Tensor:
         rows_BTHD = self.table(hash_ids_BTH)
@@ -132,6 +139,7 @@ class EngramLM(nn.Module):
         self.cfg = cfg
         D = cfg.d_model
         self.hasher: NgramHasher | None = None
+        self._head_sizes_cache: dict[torch.device, torch.Tensor] = {}
         hash_cfg = cfg.engram if cfg.engram is not None else cfg.overencoding
         if hash_cfg is not None:
             use_lookup = lookup is not None and getattr(hash_cfg, "compress", True)
@@ -144,7 +152,7 @@ class EngramLM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
         self.overencoding = None
         if cfg.overencoding is not None:
-            self.overencoding = OverEncoding(self.hasher.head_sizes(self.hasher.layers[0]), D)
+            self.overencoding = OverEncoding(self.hasher.head_sizes(self.hasher.layers[0]), D, self.hasher.layout())
         self.blocks = nn.ModuleList(self._build_block(i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
@@ -168,11 +176,8 @@ class EngramLM(nn.Module):
         engram = None
         e = cfg.engram
         if e is not None and i in e.layers:
-            n_branches = 1 if e.gate == "single" else cfg.hc_mult
-            table = EngramTable(self.hasher.head_sizes(i), e.d_head, e.table_dtype, e.table_init_std)
-            fusion = EngramFusion(e.d_mem, cfg.d_model, n_branches, e.kernel_size if e.use_conv else None,
-                                  e.dilation, e.signed_sqrt)
-            engram = EngramLayer(table, fusion)
+            engram = build_engram_layer(e, cfg.d_model, cfg.hc_mult, self.hasher.head_sizes(i), f"engram.{i}",
+                                        self.hasher.layout())
         return Block(attn, ffn, cfg.hc_mult, cfg.sinkhorn_iters, engram, e is not None and e.gate == "single")
 
     # ------------------------------------------------------------------------------------------ init
@@ -214,14 +219,13 @@ class EngramLM(nn.Module):
     def engram_layers(self) -> dict[int, EngramLayer]:
         return {i: b.engram for i, b in enumerate(self.blocks) if b.engram is not None}
 
-    def table_parameters(self) -> list[nn.Parameter]:
-        """Engram (and OverEncoding) table weights: Adam, lr x5, no weight decay, sparse updates."""
-        params = [layer.table.weight for layer in self.engram_layers().values()]
+    def memory_tables(self) -> dict[str, EngramTable]:
+        """Every hashed-memory table by its layout name ("engram.<block>", "overencoding"): the one
+        accessor the optimizer, checkpoints, accounting and tier placement use."""
+        out = {layer.table.layout.name: layer.table for layer in self.engram_layers().values()}
         if self.overencoding is not None:
-            params.append(self.overencoding.table.weight)
-        return params
-
-    engram_table_parameters = table_parameters
+            out[self.overencoding.table.layout.name] = self.overencoding.table
+        return out
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
@@ -235,11 +239,17 @@ class EngramLM(nn.Module):
     def hash_layout(self) -> dict | None:
         return self.hasher.layout() if self.hasher is not None else None
 
+    def hash_fingerprint(self) -> str | None:
+        """sha256 of the hash layout: checkpoints and table files record it and are refused under another."""
+        return self.hasher.fingerprint() if self.hasher is not None else None
+
     # --------------------------------------------------------------------------------------- forward
 
-    def hash(self, ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    def hash(
+        self, ids: torch.Tensor, segment_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Hash ids [B, T, L, H] for all Engram layers at once (None for a model without memory)."""
-        return self.hasher(ids, segment_ids) if self.hasher is not None else None
+        return self.hasher(ids, segment_ids, token_mask=token_mask) if self.hasher is not None else None
 
     def _embed(self, ids: torch.Tensor, hash_ids: torch.Tensor | None) -> torch.Tensor:
         x_BTD = self.tok_emb(ids)
@@ -250,14 +260,49 @@ class EngramLM(nn.Module):
     def _head(self, x_BTMD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(reduce_streams(x_BTMD)))
 
-    def _check_ids(self, ids: torch.Tensor) -> None:
+    def _check_ids(self, ids: torch.Tensor, past: int = 0) -> None:
+        """Token ids [B, T]: integers inside the vocabulary, T (after ``past`` cached tokens) within the context."""
         if ids.dim() != 2:
             raise ValueError(f"ids must be [B, T], got shape {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.dtype == torch.bool:
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
+        if past + ids.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {past + ids.shape[1]} tokens exceeds the model's context of {self.cfg.max_seq_len} "
+                "(ModelConfig.max_seq_len)"
+            )
         if ids.numel() and not _in_range(ids, self.cfg.vocab_size):
             bad = ((ids < 0) | (ids >= self.cfg.vocab_size)).nonzero()[0].tolist()
             raise ValueError(f"token id {int(ids[tuple(bad)])} at position {tuple(bad)} outside [0, {self.cfg.vocab_size})")
+
+    def _head_sizes(self, device: torch.device) -> torch.Tensor:
+        """Table size of every (Engram layer, head) [L, H] int64 on ``device`` (derived, cached per device)."""
+        if device not in self._head_sizes_cache:
+            sizes = [self.hasher.head_sizes(layer) for layer in self.hasher.layers]
+            self._head_sizes_cache[device] = torch.tensor(sizes, dtype=torch.int64, device="cpu").to(device)
+        return self._head_sizes_cache[device]
+
+    def _check_hash_ids(self, hash_ids: torch.Tensor, B: int, T: int) -> None:
+        """Caller-supplied hash ids [B, T, L, H]: the right shape and each id inside its own head's table
+        (an id past its head but inside the flat table would silently read a neighbouring head's row).
+        One reduction for all layers; on CUDA a device-side assert, so no host sync."""
+        want = (B, T, self.hasher.num_layers, self.hasher.heads_per_layer)
+        if tuple(hash_ids.shape) != want:
+            raise ValueError(f"hash_ids shape {tuple(hash_ids.shape)} != expected {want}")
+        if hash_ids.is_floating_point() or hash_ids.dtype == torch.bool:
+            raise TypeError(f"hash_ids must be an integer tensor, got {hash_ids.dtype}")
+        if not hash_ids.numel():
+            return
+        sizes_LH = self._head_sizes(hash_ids.device)
+        bad = (hash_ids < 0) | (hash_ids >= sizes_LH)
+        if hash_ids.device.type == "cuda":
+            torch._assert_async(~bad.any(), "engram: a hash id lies outside its head's table")
+        elif bool(bad.any()):
+            b, t, j, h = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"hash id {int(hash_ids[b, t, j, h])} at batch {b}, position {t}, Engram layer "
+                f"{self.hasher.layers[j]}, head {h} lies outside that head's table of {int(sizes_LH[j, h])} rows"
+            )
 
     def forward(
         self,
@@ -267,28 +312,32 @@ class EngramLM(nn.Module):
         targets: torch.Tensor | None = None,
         return_gates: bool = False,
         return_logits: bool = True,
+        token_mask: torch.Tensor | None = None,
+        memory_rows: dict[int, torch.Tensor] | None = None,
     ) -> ModelOutput:
         """ids [B, T]; segment ids [B, T] for packed documents; hash ids [B, T, L, H] (computed when
-        absent); targets [B, T] with -100 = ignore."""
+        absent; precomputed ones must have been hashed with the same ``token_mask``); targets [B, T] with
+        -100 = ignore; token_mask [B, T] bool, True = real token (module docstring); memory_rows: block ->
+        its Engram rows [B, T, H, Dh] gathered ahead of time (a prefetcher's; no gradient reaches them)."""
         self._check_ids(ids)
         if self.hasher is not None:
-            want = (ids.shape[0], ids.shape[1], self.hasher.num_layers, self.hasher.heads_per_layer)
             if hash_ids is None:
-                hash_ids = self.hasher(ids, segment_ids, check=False)
-            elif tuple(hash_ids.shape) != want:
-                raise ValueError(f"hash_ids shape {tuple(hash_ids.shape)} != expected {want}")
+                hash_ids = self.hasher(ids, segment_ids, check=False, token_mask=token_mask)  # correct by construction
+            else:
+                self._check_hash_ids(hash_ids, *ids.shape)
         layer_slot = {layer: j for j, layer in enumerate(self.hasher.layers)} if self.cfg.engram else {}
         x = self._embed(ids, hash_ids)
         gates: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
             h_ids = hash_ids[:, :, layer_slot[i]] if i in layer_slot else None
-            x, gate = blk(x, segment_ids, h_ids)
+            rows = memory_rows.get(i) if memory_rows else None
+            x, gate = blk(x, segment_ids, h_ids, token_mask=token_mask, rows_BTHD=rows)
             if gate is not None and return_gates:
                 gates[i] = gate
         logits = self._head(x)
         loss = ce = aux = None
         if targets is not None:
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            ce = masked_cross_entropy(logits, targets)
             aux = sum((m.aux_loss for m in self.moe_layers()), ce.new_zeros(()))
             loss = ce + aux
         return ModelOutput(logits if return_logits else None, loss, ce, aux, gates)
@@ -308,19 +357,31 @@ class EngramLM(nn.Module):
         return DecodeState(caches, hs, conv, torch.zeros(batch, dtype=torch.int64, device=dev))
 
     @torch.no_grad()
-    def forward_chunk(self, ids: torch.Tensor, state: DecodeState, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_chunk(
+        self,
+        ids: torch.Tensor,
+        state: DecodeState,
+        lengths: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        hash_ids: torch.Tensor | None = None,
+        memory_rows: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Consume a chunk [B, T] (row b's first ``lengths[b]`` tokens are real; default all), updating
         ``state``; returns logits [B, T, V]. Prefill is one chunk; a decode step is a chunk with T = 1
-        and lengths = 1 for active rows, 0 for finished ones."""
-        self._check_ids(ids)
+        and lengths = 1 for active rows, 0 for finished ones. ``token_mask`` [B, T] as in ``forward``.
+        ``hash_ids`` / ``memory_rows``: what a prefetcher computed ahead for this chunk (``hash_ids`` must
+        come from ``self.hasher.step`` on this state, which then is not advanced again here)."""
+        self._check_ids(ids, past=int(state.lengths.max()) if state.lengths.numel() else 0)
         B, T = ids.shape
         lengths = torch.full((B,), T, dtype=torch.int64, device=ids.device) if lengths is None else lengths.long()
-        hash_ids = self.hasher.step(ids, state.hash_state, lengths, check=False) if self.hasher is not None else None
+        if self.hasher is not None and hash_ids is None:
+            hash_ids = self.hasher.step(ids, state.hash_state, lengths, check=False, token_mask=token_mask)
         layer_slot = {layer: j for j, layer in enumerate(self.hasher.layers)} if self.cfg.engram else {}
         x = self._embed(ids, hash_ids)
         for i, blk in enumerate(self.blocks):
             h_ids = hash_ids[:, :, layer_slot[i]] if i in layer_slot else None
-            x, _ = blk(x, None, h_ids, state.caches[i], state.conv_states.get(i), lengths)
+            rows = memory_rows.get(i) if memory_rows else None
+            x, _ = blk(x, None, h_ids, state.caches[i], state.conv_states.get(i), lengths, token_mask, rows)
         state.lengths += lengths
         return self._head(x)
 
@@ -328,46 +389,6 @@ class EngramLM(nn.Module):
         """One token per row [B] -> logits [B, V]; rows with ``active`` False do not advance."""
         lengths = None if active is None else active.to(torch.int64)
         return self.forward_chunk(ids_B[:, None], state, lengths)[:, 0]
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        seed: int | None = None,
-    ) -> list[list[int]]:
-        """Sample continuations for prompts of different lengths (temperature 0 = greedy)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs at least one non-empty prompt")
-        dev = self.tok_emb.weight.device
-        B, P = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros(B, P, dtype=torch.int64, device=dev)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = torch.tensor(p, dtype=torch.int64)
-        plen = torch.tensor([len(p) for p in prompts], device=dev)
-        state = self.new_decode_state(B, P + max_new_tokens)
-        logits = self.forward_chunk(ids, state, plen)
-        last = logits[torch.arange(B, device=dev), plen - 1]  # [B, V] at each row's last prompt token
-        gen = torch.Generator(device=dev)
-        # a fresh seed from the OS when none is given: never reseed the global RNG as a side effect
-        gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") % 2**63)
-        out: list[list[int]] = [[] for _ in range(B)]
-        active = torch.ones(B, dtype=torch.bool, device=dev)
-        for _ in range(max_new_tokens):
-            nxt = sample_next(last.float(), temperature, top_k, top_p, gen)
-            for b in range(B):
-                if active[b]:
-                    out[b].append(int(nxt[b]))
-            if eos_id is not None:
-                active &= nxt != eos_id
-            if not bool(active.any()):
-                break
-            last = self.decode_step(nxt, state, active)
-        return out
 
     # ------------------------------------------------------------------------------------ accounting
 
@@ -378,15 +399,7 @@ class EngramLM(nn.Module):
         the routed experts it does not select and less the memory tables (a lookup touches a handful
         of rows: counted as sparse, like the paper).
         """
-        groups = dict.fromkeys(
-            ["embedding", "lm_head", "attention", "dense_ffn", "moe_routed", "moe_shared", "moe_router",
-             "engram_tables", "engram_dense", "overencoding_tables", "hyper_connections", "norms"], 0)
-        seen: set[int] = set()
-        for name, p in self.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            groups[_group_of(name)] += p.numel()
+        groups = parameter_groups(self)
         routed_active = 0
         for moe in self.moe_layers():
             n = sum(getattr(moe, k).numel() for k in ("experts_w1", "experts_w2", "experts_w3"))
@@ -407,7 +420,8 @@ class EngramLM(nn.Module):
         return {"forward": float(fwd), "train": float(3 * fwd)}
 
     def table_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.table_parameters())
+        """Bytes of every table's rows in their training dtype, wherever they live."""
+        return sum(t.layout.nbytes for t in self.memory_tables().values())
 
 
 def _in_range(ids: torch.Tensor, n: int) -> bool:
@@ -415,71 +429,96 @@ def _in_range(ids: torch.Tensor, n: int) -> bool:
     return int(lo) >= 0 and int(hi) < n
 
 
-def _group_of(name: str) -> str:
-    if name.startswith("tok_emb."):
+def masked_cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss (fp32) over targets != -100; exactly 0 when a batch has none (instead of
+    NaN), so a batch whose targets are all masked contributes nothing. No host sync."""
+    flat = logits_BTV.float().reshape(-1, logits_BTV.shape[-1])
+    total = F.cross_entropy(flat, targets_BT.reshape(-1), ignore_index=-100, reduction="sum")
+    return total / (targets_BT != -100).sum().clamp_min(1)
+
+
+PARAM_GROUPS = ("embedding", "lm_head", "attention", "dense_ffn", "moe_routed", "moe_shared", "moe_router",
+                "engram_tables", "engram_dense", "overencoding_tables", "hyper_connections", "norms")
+_MOE_CHILDREN = {"router": "moe_router", "shared": "moe_shared"}
+
+
+def parameter_groups(model: EngramLM) -> dict[str, int]:
+    """Parameter count per group, classified by the type of the module that owns each parameter (not by
+    its name), raising on a parameter no rule covers. Tables count by their layout, wherever their rows
+    live (device, host, disk): accounting does not depend on placement."""
+    groups = dict.fromkeys(PARAM_GROUPS, 0)
+    seen: set[int] = set()
+
+    def visit(mod: nn.Module, path: str, group: str | None) -> None:
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) in seen or isinstance(mod, EngramTable):  # tied weights count once; tables below
+                continue
+            seen.add(id(p))
+            if group is None:
+                raise TypeError(f"parameter accounting: no group for {path}{pname} of a {type(mod).__name__}")
+            groups[group] += p.numel()
+        for cname, child in mod.named_children():
+            visit(child, f"{path}{cname}.", _child_group(model, mod, cname, child, group))
+
+    visit(model, "", None)
+    for t in model.memory_tables().values():
+        groups["overencoding_tables" if t.layout.name == "overencoding" else "engram_tables"] += t.layout.num_params
+    return groups
+
+
+def _child_group(model: EngramLM, parent: nn.Module, name: str, child: nn.Module, inherited: str | None) -> str | None:
+    """The group of ``child``'s own parameters, from its type and where it sits."""
+    if child is model.tok_emb:
         return "embedding"
-    if name.startswith("lm_head."):
+    if child is model.lm_head:
         return "lm_head"
-    if name.startswith("overencoding."):
-        return "overencoding_tables"
-    if ".engram.table." in name:
-        return "engram_tables"
-    if ".engram." in name or ".hc_engram." in name:
+    if isinstance(parent, MoE):
+        return _MOE_CHILDREN.get(name)
+    if inherited is not None:  # inside an Engram layer, attention, MoE, ...: the whole subtree is that group
+        return inherited
+    if isinstance(child, EngramLayer) or (isinstance(child, HyperConnection) and name == "hc_engram"):
         return "engram_dense"
-    if ".attn." in name:
-        return "attention"
-    if ".hc_" in name:
-        return "hyper_connections"
-    if ".ffn.experts_w" in name:
-        return "moe_routed"
-    if ".ffn.shared." in name:
-        return "moe_shared"
-    if ".ffn.router." in name:
-        return "moe_router"
-    if ".ffn." in name:
-        return "dense_ffn"
-    return "norms"
+    kinds = ((OverEncoding, "overencoding_tables"), (Attention, "attention"), (MoE, "moe_routed"),
+             (SwiGLU, "dense_ffn"), (HyperConnection, "hyper_connections"), (RMSNorm, "norms"))
+    return next((g for kind, g in kinds if isinstance(child, kind)), None)
 
 
-def sample_next(
-    logits_BV: torch.Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token per row [B] from fp32 logits: greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits_BV.argmax(-1)
-    logits = logits_BV / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        srt, idx = logits.sort(-1, descending=True)
-        cum = srt.softmax(-1).cumsum(-1)
-        drop = cum - srt.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+def build_engram_layer(cfg: EngramConfig, d_model: int, hc_mult: int, head_sizes: list[int], name: str = "table",
+                       hash_layout: dict | None = None) -> EngramLayer:
+    """One Engram layer (table + fusion) as ``cfg`` describes it, for a backbone of width ``d_model`` with
+    ``hc_mult`` streams; ``head_sizes`` are the layer's prime table sizes (``NgramHasher.head_sizes``),
+    ``name`` and ``hash_layout`` go into the table's layout (what its rows mean)."""
+    n_branches = 1 if cfg.gate == "single" else hc_mult
+    table = EngramTable(head_sizes, cfg.d_head, cfg.table_dtype, cfg.table_init_std, name=name, hash_layout=hash_layout)
+    fusion = EngramFusion(
+        cfg.d_mem, d_model, n_branches, cfg.kernel_size if cfg.use_conv else None, cfg.dilation, cfg.signed_sqrt,
+        bias=cfg.proj_bias, gate_eps=cfg.gate_norm_eps, conv_eps=cfg.conv_norm_eps, use_gate=cfg.use_gate,
+    )
+    return EngramLayer(table, fusion)
 
 
-def build_model(cfg: ModelConfig, lookup=None, device: torch.device | str | None = None) -> EngramLM:
+def build_model(cfg: ModelConfig, lookup=None, device: torch.device | str | None = None,
+                placement: Placement | None = None) -> EngramLM:
     """Build a model and initialise every tensor once; on ``device='meta'`` only shapes exist (no memory).
 
     Built on the meta device, materialised with ``to_empty`` and initialised by ``init_weights``: leaf
     modules' own constructor-time init would otherwise fill every tensor (multi-GB tables too) twice.
+    ``placement`` puts the tables on a tier before anything is materialised, so a table served from
+    disk never occupies memory.
     """
     with torch.device("meta"):
         model = EngramLM(cfg, lookup)
+    if placement is not None and placement.tier == "disk":
+        placement.apply(model.memory_tables())
     if device is not None and torch.device(device).type == "meta":
         return model
     model = model.to_empty(device=device if device is not None else "cpu")
     model.tie_weights()
     model.init_weights()
+    if placement is not None and placement.tier != "disk":
+        placement.apply(model.memory_tables())
     return model
 
 
-__all__ = ["Block", "DecodeState", "EngramLM", "ModelOutput", "OverEncoding", "build_model", "sample_next"]
+__all__ = ["Block", "DecodeState", "EngramLM", "ModelOutput", "OverEncoding", "build_engram_layer", "build_model",
+           "masked_cross_entropy"]

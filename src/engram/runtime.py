@@ -30,3 +30,11 @@ def tune_malloc() -> bool:
     ok &= mallopt(_M_TRIM_THRESHOLD, _INT_MAX)
     ok &= mallopt(_M_TOP_PAD, 512 * 1024 * 1024)
     return bool(ok)
+
+
+def autocast(dtype: str, device: "torch.device | str" = "cpu"):
+    """bf16 autocast for the device's type (on CPU about 3x faster here), or a no-op context for "fp32"."""
+    import torch
+
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=dtype == "bf16")

@@ -64,7 +64,10 @@ def load_tokenizer(tok: Tokenizer | str | os.PathLike[str] | Any) -> Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
-        return Tokenizer.from_file(str(path))
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for unreadable / non-tokenizer JSON
+            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
     raise TypeError(f"expected a tokenizers.Tokenizer or a path to tokenizer.json, got {type(tok).__name__}")
 
 

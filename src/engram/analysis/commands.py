@@ -1,8 +1,10 @@
-"""``engram analyze gates|logit-lens|cka|ablate``: argument parsing over ``engram.analysis.runs``."""
+"""CLI subcommands over engram.analysis (argument parsing only): ``engram gates`` and
+``engram analyze gates|logit-lens|cka|ablate`` (over ``engram.analysis.runs``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import TextIO
 
@@ -68,6 +70,32 @@ def cmd_ablate(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     return 0
 
 
+def cmd_engram_gates(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    from engram.analysis.gates import gates_of_run
+
+    values = gates_of_run(args.run, args.text, args.png)
+    if args.json:
+        print(json.dumps(values), file=out)
+    else:
+        for blk, per_branch in values["gates"].items():
+            for m, row in enumerate(per_branch):
+                cells = " ".join(f"{t!r}:{g:.2f}" for t, g in zip(values["tokens"], row))
+                print(f"block {blk} branch {m}: {cells}", file=out)
+    if args.png:
+        print(f"heatmap: {args.png}", file=out)
+    return 0
+
+
+def add_gates_parser(sub: argparse._SubParsersAction) -> None:
+    """``engram gates``: the gates of a text, printed (or JSON) and as a heatmap."""
+    q = sub.add_parser("gates", help="Engram gate per token of a text (numbers and a heatmap PNG)")
+    q.add_argument("run", help="run directory (or a checkpoint directory)")
+    q.add_argument("--text", required=True)
+    q.add_argument("--png", help="write the heatmap here")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_engram_gates)
+
+
 def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("analyze", help="look inside trained runs: gates, LogitLens, CKA, Engram-off ablation")
     asub = a.add_subparsers(dest="analysis", required=True)
@@ -114,4 +142,4 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
     ab.set_defaults(func=cmd_ablate)
 
 
-__all__ = ["add_analyze_parser"]
+__all__ = ["add_analyze_parser", "add_gates_parser"]

@@ -131,4 +131,16 @@ def write_gate_report(values: dict[str, Any], out_dir: str | Path, title: str = 
     return paths
 
 
-__all__ = ["gate_values", "gates_html", "plot_gates", "write_gate_report"]
+def gates_of_run(run: str | Path, text: str, out_png: str | Path | None = None) -> dict[str, Any]:
+    """Gate values of a trained run's Engram layers on ``text`` (and a heatmap PNG if asked)."""
+    from engram.data.bpe import eot_id
+    from engram.infer import load_run
+
+    lr = load_run(run)
+    values = gate_values(lr.model, lr.tokenizer, text, bos_id=eot_id(lr.tokenizer))
+    if out_png:
+        plot_gates(values, out_png, title=f"Engram gates: {Path(run).name}")
+    return values
+
+
+__all__ = ["gate_values", "gates_html", "gates_of_run", "plot_gates", "write_gate_report"]

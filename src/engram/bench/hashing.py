@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engram.bench.common import format_table, time_pair
+from engram.bench.common import time_pair
+from engram.report import format_table
 from engram.hashing import NgramHasher
 
 

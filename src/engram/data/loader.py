@@ -21,13 +21,16 @@ without end. The position is one integer, the number of batches handed out, so `
 
 Batches (including the caller's ``hash_fn(ids_BT, segment_ids_BT)``) are built in a background
 thread, a bounded queue ahead of the consumer. An exception there is re-raised in the caller by the
-next ``next()`` (with a note saying which batch), never swallowed.
+next ``next()`` (with a note saying which batch), never swallowed. A thread that produces nothing for
+``timeout`` seconds (default ``DEFAULT_TIMEOUT``: generous, since one batch of a big model hashes in
+well under a second) raises ``TimeoutError`` in the caller instead of hanging it.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Self
@@ -41,6 +44,7 @@ __all__ = ["IGNORE_INDEX", "Batch", "EvalLoader", "HashFn", "Packing", "TrainLoa
 
 IGNORE_INDEX = -100
 EVAL_SEED = 0x5EED  # evaluation document order; fixed so every run evaluates on the same windows
+DEFAULT_TIMEOUT = 600.0  # seconds the consumer waits for one batch before giving up
 HashFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids_BT, segment_ids_BT) -> hash ids
 
 
@@ -127,8 +131,11 @@ class _Failure:
 class _Prefetcher:
     """Runs ``make(i)`` for i = start, start+1, ... (< stop) in a daemon thread, ``depth`` results ahead."""
 
-    def __init__(self, make: Callable[[int], Batch], start: int, stop: int | None, depth: int) -> None:
+    def __init__(
+        self, make: Callable[[int], Batch], start: int, stop: int | None, depth: int, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._timeout = timeout
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(make, start, stop), daemon=True, name="engram-data-loader")
         self._thread.start()
@@ -155,6 +162,7 @@ class _Prefetcher:
             i += 1
 
     def get(self) -> tuple[int, Batch]:
+        deadline = time.monotonic() + self._timeout
         while True:
             try:
                 item = self._queue.get(timeout=0.1)
@@ -162,6 +170,12 @@ class _Prefetcher:
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
                     raise RuntimeError("engram data loader thread exited without producing a batch") from None
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise TimeoutError(
+                        f"the engram data loader thread produced no batch in {self._timeout:g} s (stuck reading "
+                        "shards or hashing?); raise the loader timeout if batches are legitimately this slow"
+                    ) from None
         if isinstance(item, _Failure):
             self.close()
             item.exc.add_note(f"(raised in the engram data loader thread while building batch {item.index})")
@@ -223,11 +237,15 @@ class TrainLoader:
         hash_fn: HashFn | None = None,
         prefetch: int = 2,
         pin_memory: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self._prefetcher: _Prefetcher | None = None
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not timeout > 0:
+            raise ValueError(f"loader timeout must be positive, got {timeout}")
         self.data, self.batch_size, self.seq_len, self.seed, self.prefetch = data, batch_size, seq_len, seed, prefetch
+        self.timeout = timeout
         self._order = _TrainOrder(data, batch_size, seq_len, seed, hash_fn, pin_memory)
         self.batches_per_epoch = self._order.batches_per_epoch
         if self.batches_per_epoch == 0:
@@ -255,7 +273,7 @@ class TrainLoader:
 
     def __next__(self) -> Batch:
         if self._prefetcher is None:
-            self._prefetcher = _Prefetcher(self._order.make_batch, self._step, None, self.prefetch)
+            self._prefetcher = _Prefetcher(self._order.make_batch, self._step, None, self.prefetch, self.timeout)
         try:
             step, batch = self._prefetcher.get()
         except BaseException:  # the loader thread's error, or e.g. KeyboardInterrupt while waiting
@@ -321,15 +339,24 @@ class EvalLoader:
         hash_fn: HashFn | None = None,
         prefetch: int = 2,
         pin_memory: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+        source: str | None = None,
     ) -> None:
+        """``source`` names the data in errors (default: the dataset's directory)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if n_batches is not None and n_batches < 1:
+            raise ValueError(f"the number of evaluation batches must be >= 1, got {n_batches}")
         self.packing = Packing(data, np.random.default_rng(EVAL_SEED).permutation(data.n_docs), seq_len)
         available = self.packing.n_windows // batch_size
         if available == 0:
-            raise ValueError(f"{data.directory}: too few tokens ({data.n_tokens}) for one eval batch of {batch_size} x {seq_len}")
+            raise ValueError(
+                f"{source or data.directory}: too few tokens ({data.n_tokens:,}) for one evaluation batch of "
+                f"{batch_size} x {seq_len} (+1) tokens; use a longer text or a smaller batch size / sequence length"
+            )
         self.n_batches = available if n_batches is None else min(n_batches, available)
         self.batch_size, self.hash_fn, self.prefetch, self.pin_memory = batch_size, hash_fn, prefetch, pin_memory
+        self.timeout = timeout
 
     def make_batch(self, k: int) -> Batch:
         B = self.batch_size
@@ -339,7 +366,7 @@ class EvalLoader:
         return self.n_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        prefetcher = _Prefetcher(self.make_batch, 0, self.n_batches, self.prefetch)
+        prefetcher = _Prefetcher(self.make_batch, 0, self.n_batches, self.prefetch, self.timeout)
         try:
             for _ in range(self.n_batches):
                 yield prefetcher.get()[1]

@@ -1,7 +1,8 @@
 """Token shards: tokenised documents in memory-mapped binary files, one directory per corpus split.
 
-A split directory holds ``index.json`` (written last: the directory is complete once it exists) and
-``shard_NNNNN.bin`` files. A document never spans shards. Each shard is self-describing:
+A split directory holds ``index.json`` (written last: the directory is complete once it exists; it
+carries a sha256 of its own content, so a changed byte is caught) and ``shard_NNNNN.bin`` files (each with
+a crc32 of its payload). A document never spans shards. Each shard is self-describing:
 
     offset 0   header, 64 bytes, little-endian:
                magic b"ENGRAMTK" | version u32 | itemsize u32 (2 = uint16, 4 = uint32)
@@ -13,9 +14,10 @@ A split directory holds ``index.json`` (written last: the directory is complete 
 Tokens are stored as uint16 when the vocabulary fits (<= 65536), else uint32. Documents are stored
 without separators; the packer adds ``<|endoftext|>`` (see :mod:`engram.data.loader`).
 
-Opening checks the magic, the version, that the file size matches the header (so a truncated file
-is caught) and, with ``verify=True`` (the default), the crc32; any failure raises :class:`ShardError`
-naming the file.
+Opening checks the index checksum, the magic, the version, that the file size matches the header (so
+a truncated file is caught) and, with ``verify=True`` (the default), the crc32; any failure raises
+:class:`ShardError` naming the file and what to delete. ``prepare_tokens`` rebuilds a damaged cache
+itself: the token cache is derived data.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import os
 import re
 import struct
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -171,7 +174,7 @@ def write_token_dataset(
         flush()
     for stale in sorted(out_dir.glob("shard_*.bin"))[len(shards) :]:  # left over from a bigger earlier run
         stale.unlink()
-    index = {
+    index: dict = {
         "format": INDEX_FORMAT,
         "dtype": dtype.name,
         "vocab_size": vocab_size,
@@ -182,8 +185,15 @@ def write_token_dataset(
         "documents": keys,
         **(meta or {}),
     }
+    index["checksum"] = _index_checksum(index)
     atomic_write_json(out_dir / "index.json", index)
     return out_dir
+
+
+def _index_checksum(index: dict) -> str:
+    """sha256 of the index's canonical JSON without its own checksum field."""
+    body = {k: v for k, v in index.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 class TokenDataset:
@@ -194,17 +204,27 @@ class TokenDataset:
         index_path = self.directory / "index.json"
         if not index_path.is_file():
             raise FileNotFoundError(f"no token dataset at {self.directory} (missing index.json)")
+        fix = f"; delete {self.directory} and rebuild it"
         try:
             self.index = json.loads(index_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ShardError(f"{index_path}: not valid JSON: {e}") from e
-        if self.index.get("format") != INDEX_FORMAT:
-            raise ShardError(f"{index_path}: index format {self.index.get('format')}, expected {INDEX_FORMAT}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ShardError(f"{index_path}: not valid JSON: {e}{fix}") from e
+        if not isinstance(self.index, dict) or self.index.get("format") != INDEX_FORMAT:
+            raise ShardError(f"{index_path}: not a token index of format {INDEX_FORMAT}{fix}")
+        if "checksum" not in self.index:
+            raise ShardError(f"{index_path}: has no checksum (written by an older engram){fix}")
+        if self.index.get("checksum") != _index_checksum(self.index):
+            raise ShardError(f"{index_path}: checksum mismatch: the index was changed or corrupted{fix}")
         self.shards: list[Shard] = []
         for entry in self.index["shards"]:
-            shard = read_shard(self.directory / entry["file"], verify=verify)
+            try:
+                shard = read_shard(self.directory / entry["file"], verify=verify)
+            except FileNotFoundError:
+                raise ShardError(f"{self.directory / entry['file']}: missing{fix}") from None
+            except ShardError as e:
+                raise ShardError(f"{e}{fix}") from None
             if (len(shard.tokens), len(shard.offsets) - 1, shard.crc32) != (entry["n_tokens"], entry["n_docs"], entry["crc32"]):
-                raise ShardError(f"{shard.path}: does not match its entry in {index_path} (rewritten separately?)")
+                raise ShardError(f"{shard.path}: does not match its entry in {index_path} (rewritten separately?){fix}")
             self.shards.append(shard)
         self.vocab_size: int = self.index["vocab_size"]
         self.eot_id: int = self.index["eot_id"]
@@ -304,7 +324,8 @@ def prepare_tokens(
 ) -> dict[str, TokenDataset]:
     """Tokenise ``corpus``'s splits into ``cache_dir/tokens/CORPUS-TOKENIZER/SPLIT-val0.05/`` (cached).
 
-    The cache is reused only when its index names the same tokenizer and the same documents.
+    The cache is reused only when its index names the same tokenizer, separator, vocabulary size and
+    documents and its files check out; otherwise (stale, changed or corrupted) it is rebuilt.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     fp = tokenizer_fingerprint(tok)
@@ -320,14 +341,26 @@ def prepare_tokens(
             "content": _content_id(docs),
         }
         d = cache_dir / "tokens" / f"{corpus.name}-{fp}" / f"{split}-val{corpus.val_fraction:g}"
-        index_path = d / "index.json"
-        if index_path.is_file():
-            index = json.loads(index_path.read_text())
-            if all(index.get(k) == v for k, v in meta.items()):
-                out[split] = TokenDataset(d, verify=verify)
-                continue
+        cached = _reuse(d, {**meta, "eot_id": eot, "vocab_size": tok.get_vocab_size()}, verify)
+        if cached is not None:
+            out[split] = cached
+            continue
         write_token_dataset(
             tokenize_documents(docs, tok), d, vocab_size=tok.get_vocab_size(), eot_id=eot, meta=meta, shard_tokens=shard_tokens
         )
         out[split] = TokenDataset(d, verify=verify)
     return out
+
+
+def _reuse(d: Path, expect: dict, verify: bool) -> TokenDataset | None:
+    """The cached dataset at ``d`` if it is complete, intact and made for ``expect``; else None."""
+    if not (d / "index.json").is_file():
+        return None
+    try:
+        ds = TokenDataset(d, verify=verify)
+    except ShardError as e:
+        warnings.warn(f"rebuilding the token cache {d}: {e}", stacklevel=3)
+        return None
+    if any(ds.index.get(k) != v for k, v in expect.items()):
+        return None
+    return ds

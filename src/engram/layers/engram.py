@@ -4,11 +4,16 @@ Steps, per position t and branch m (M residual streams; M = 1 is a plain residua
   1. e_t = concatenation of the retrieved rows of all heads                      [B, T, E]
   2. v = W_V e_t (shared), k_m = W_K^(m) e_t (one per branch), in ONE matmul     [B, T, (M+1) D]
   3. alpha_m = sigmoid(ssqrt(RMSNorm_q^m(h_m) . RMSNorm_k^m(k_m) / sqrt(D)))     [B, T, M]  (fp32)
-     ssqrt(s) = sign(s) sqrt(max(|s|, 1e-6)), on by default (every public code path uses it)
+     ssqrt(s) = sign(s) sqrt(max(|s|, 1e-6)), on by default (every public code path uses it);
+     alpha = 1 without a gate (ablation); alpha = 0 where a token mask marks a token as masked
   4. v~_m = alpha_m v                                                           [B, T, M, D]
   5. optional short conv: Y = v~ + SiLU(CausalDepthwiseConv(RMSNorm(v~))), kernel 4, dilation N,
      zero-initialised so a new module is the identity on v~; it never reads across documents
   6. the caller adds Y to the residual streams before the block's attention.
+
+Token mask ([B, T] bool, True = real token): a masked position gets alpha = 0 and Y = 0, so the block
+leaves it unchanged, exactly; the conv reads it as zero (its v~ is 0), like a position before the start.
+The reference settings (biases, norm epsilons, no conv) are options here; docs/interop.md maps them.
 
 Shape legend: B batch, T time, M branches (residual streams), D model width, E = d_mem retrieval width,
 H heads, Dh = E / H row width, C = M * D conv channels, S = (kernel - 1) * dilation conv history.
@@ -123,7 +128,12 @@ class ShortConv(nn.Module):
 
 
 class EngramFusion(nn.Module):
-    """Context-aware gating of retrieved memory e [B, T, E] by hidden streams h [B, T, M, D]."""
+    """Context-aware gating of retrieved memory e [B, T, E] by hidden streams h [B, T, M, D].
+
+    Keyword options (defaults are ours; DeepSeek's settings in docs/interop.md): ``bias`` on W_V and W_K;
+    ``gate_eps`` / ``conv_eps``, the RMSNorm epsilons of the gate's query/key norms and of the conv's
+    norm; ``use_gate=False`` fixes alpha at 1 and builds neither W_K nor the gate norms.
+    """
 
     def __init__(
         self,
@@ -133,26 +143,50 @@ class EngramFusion(nn.Module):
         conv_kernel: int | None = 4,
         conv_dilation: int = 3,
         signed_sqrt: bool = True,
+        *,
+        bias: bool = False,
+        gate_eps: float = 1e-6,
+        conv_eps: float = 1e-6,
+        use_gate: bool = True,
     ) -> None:
         super().__init__()
         if n_branches < 1:
             raise ValueError(f"n_branches must be >= 1, got {n_branches}")
         self.d_mem, self.d_model, self.n_branches = d_mem, d_model, n_branches
         self.use_signed_sqrt = signed_sqrt
-        self.value_proj = nn.Linear(d_mem, d_model, bias=False)  # W_V, shared by all branches
-        self.key_proj = nn.Linear(d_mem, n_branches * d_model, bias=False)  # W_K^(m) stacked
-        self.norm_q = BranchRMSNorm(n_branches, d_model)
-        self.norm_k = BranchRMSNorm(n_branches, d_model)
-        self.short_conv = ShortConv(d_model, n_branches, conv_kernel, conv_dilation) if conv_kernel else None
+        self.value_proj = nn.Linear(d_mem, d_model, bias=bias)  # W_V, shared by all branches
+        self.key_proj = self.norm_q = self.norm_k = None
+        if use_gate:
+            self.key_proj = nn.Linear(d_mem, n_branches * d_model, bias=bias)  # W_K^(m) stacked
+            self.norm_q = BranchRMSNorm(n_branches, d_model, gate_eps)
+            self.norm_k = BranchRMSNorm(n_branches, d_model, gate_eps)
+        self.short_conv = (
+            ShortConv(d_model, n_branches, conv_kernel, conv_dilation, conv_eps) if conv_kernel else None
+        )
+
+    @property
+    def use_gate(self) -> bool:
+        return self.key_proj is not None
 
     def reset_parameters(self) -> None:
+        """W_V, W_K ~ N(0, 1/E), biases 0, norms 1, conv 0."""
         std = 1.0 / math.sqrt(self.d_mem)
-        nn.init.normal_(self.value_proj.weight, 0.0, std)
-        nn.init.normal_(self.key_proj.weight, 0.0, std)
-        self.norm_q.reset_parameters()
-        self.norm_k.reset_parameters()
-        if self.short_conv is not None:
-            self.short_conv.reset_parameters()
+        for proj in (self.value_proj, self.key_proj):
+            if proj is not None:
+                nn.init.normal_(proj.weight, 0.0, std)
+                if proj.bias is not None:
+                    nn.init.zeros_(proj.bias)
+        for module in (self.norm_q, self.norm_k, self.short_conv):
+            if module is not None:
+                module.reset_parameters()
+
+    def _project(self, e_BTE: torch.Tensor) -> torch.Tensor:
+        """[v, k_1..k_M] = [W_V; W_K] e (+ biases) in one matmul: [B, T, (M+1) D]."""
+        projs = [p for p in (self.value_proj, self.key_proj) if p is not None]
+        w = torch.cat([p.weight for p in projs], dim=0)
+        b = torch.cat([p.bias for p in projs], dim=0) if self.value_proj.bias is not None else None
+        e = e_BTE if torch.is_autocast_enabled(e_BTE.device.type) else e_BTE.to(w.dtype)  # bf16 tables
+        return F.linear(e, w, b)
 
     def forward(
         self,
@@ -161,22 +195,31 @@ class EngramFusion(nn.Module):
         segment_ids: torch.Tensor | None = None,
         conv_state: ConvState | None = None,
         lengths: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (Y [B, T, M, D], gate alpha [B, T, M] in fp32)."""
+        """Returns (Y [B, T, M, D], gate alpha [B, T, M] in fp32); ``token_mask`` [B, T] bool, True = real."""
         B, T, M, D = h_BTMD.shape
         if M != self.n_branches or D != self.d_model:
             raise ValueError(f"hidden has {M} branches of width {D}, fusion expects {self.n_branches} x {self.d_model}")
-        w = torch.cat([self.value_proj.weight, self.key_proj.weight], dim=0)  # [(M+1) D, E]: one matmul
-        e = e_BTE if torch.is_autocast_enabled(e_BTE.device.type) else e_BTE.to(w.dtype)  # bf16 tables
-        vk = F.linear(e, w)
-        v_BTD, k_BTMD = vk[..., :D], vk[..., D:].reshape(B, T, M, D)
-        s_BTM = (self.norm_q(h_BTMD) * self.norm_k(k_BTMD)).sum(-1) / math.sqrt(D)  # fp32
-        if self.use_signed_sqrt:
-            s_BTM = signed_sqrt(s_BTM)
-        gate_BTM = torch.sigmoid(s_BTM)
+        if token_mask is not None and tuple(token_mask.shape) != (B, T):
+            raise ValueError(f"token_mask shape {tuple(token_mask.shape)} != hidden's [B, T] = {(B, T)}")
+        vk = self._project(e_BTE)
+        v_BTD = vk[..., :D]
+        if self.use_gate:
+            k_BTMD = vk[..., D:].reshape(B, T, M, D)
+            s_BTM = (self.norm_q(h_BTMD) * self.norm_k(k_BTMD)).sum(-1) / math.sqrt(D)  # fp32
+            if self.use_signed_sqrt:
+                s_BTM = signed_sqrt(s_BTM)
+            gate_BTM = torch.sigmoid(s_BTM)
+        else:
+            gate_BTM = torch.ones(B, T, M, device=h_BTMD.device)
+        if token_mask is not None:
+            gate_BTM = gate_BTM * token_mask.to(gate_BTM.device, gate_BTM.dtype).unsqueeze(-1)
         vt_BTMD = gate_BTM.unsqueeze(-1).to(v_BTD.dtype) * v_BTD.unsqueeze(2)
         if self.short_conv is not None:
             vt_BTMD = vt_BTMD + self.short_conv(vt_BTMD, segment_ids, conv_state, lengths)
+            if token_mask is not None:  # the conv output at a masked position reads earlier tokens: drop it
+                vt_BTMD = vt_BTMD * token_mask.to(vt_BTMD.device, vt_BTMD.dtype)[:, :, None, None]
         return vt_BTMD, gate_BTM
 
 
@@ -205,5 +248,10 @@ class EngramLayer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         conv_state: ConvState | None = None,
         lengths: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        rows_BTHD: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fusion(h_BTMD, self.retrieve(hash_ids_BTH), segment_ids, conv_state, lengths)
+        """(Y [B, T, M, D], alpha [B, T, M]); hash ids of masked positions should hash as padding.
+        ``rows_BTHD``: this layer's rows gathered ahead of time (by a prefetcher); None gathers them here."""
+        e_BTE = rows_BTHD.flatten(-2) if rows_BTHD is not None else self.retrieve(hash_ids_BTH)
+        return self.fusion(h_BTMD, e_BTE, segment_ids, conv_state, lengths, token_mask)

@@ -1,4 +1,10 @@
-"""Engram memory tables: one flat embedding table per Engram layer, all heads in it.
+"""Engram memory tables: one flat table per Engram layer, all heads in it, its rows in a store.
+
+What the table is (``layout``: head sizes, row width, dtype, hash layout) is fixed at construction; where
+its rows live (``store``, engram.memory.store) is a placement chosen with ``place``: ``device`` (the
+default: the rows are the ``weight`` parameter, moving with the model), ``host`` (the parameter stays in
+CPU RAM when the model moves to a GPU) or ``disk`` (a row file; the parameter is dropped, read-only).
+The model never knows which.
 
 Head h of a layer owns rows [offset_h, offset_h + size_h) of the flat table, offsets being the cumulative
 sum of the earlier heads' (prime) sizes, order-major as the hasher emits them. A lookup adds the offsets
@@ -15,17 +21,16 @@ touched, so the optimizer (``engram.train.optim.SparseRowAdam``) reads and write
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from engram.memory.layout import ROW_DTYPES, TableLayout, TableLayoutError
+from engram.memory.store import TIERS, DiskStore, RowStore, TensorStore
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class TableLayoutError(ValueError):
-    """Raised when a saved table does not belong to the hash layout it is loaded under."""
 
 
 class EngramTable(nn.Module):
@@ -39,37 +44,49 @@ class EngramTable(nn.Module):
         init_std: float = 1.0,
         sparse: bool = True,
         device: torch.device | str | None = None,
+        name: str = "table",
+        hash_layout: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        sizes = [int(s) for s in head_sizes]
-        if not sizes or any(s <= 0 for s in sizes):
-            raise ValueError(f"head sizes must be positive, got {sizes}")
-        if d_head < 1:
-            raise ValueError(f"d_head must be >= 1, got {d_head}")
-        dt = _DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-        if dt not in _DTYPES.values():
-            raise ValueError(f"table dtype must be float32 or bfloat16, got {dtype}")
-        self.head_sizes = tuple(sizes)
-        self.d_head, self.init_std, self.sparse = d_head, init_std, sparse
-        # head offsets are structure derived from head_sizes, not state: kept per device (see _layout), so
+        if isinstance(dtype, torch.dtype):
+            names = {v: k for k, v in _DTYPES.items()}
+            if dtype not in names:
+                raise ValueError(f"table dtype must be one of {ROW_DTYPES}, got {dtype}")
+            dtype = names[dtype]
+        self.layout = TableLayout(name, tuple(head_sizes), d_head, dtype, hash_layout)
+        self.head_sizes, self.d_head = self.layout.head_sizes, d_head
+        self.init_std, self.sparse = init_std, sparse
+        # head offsets are structure derived from the layout, not state: kept per device (see _offsets), so
         # no path (meta -> to_empty -> load_state_dict, .to(device)) can leave them stale
         self._layout_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.weight = nn.Parameter(torch.empty(sum(sizes), d_head, dtype=dt, device=device))
+        self.weight = nn.Parameter(torch.empty(self.layout.num_rows, d_head, dtype=_DTYPES[dtype], device=device))
+        self.store: RowStore = TensorStore(self.layout, self.weight, "device")
         self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------ structure
 
     @property
     def num_heads(self) -> int:
-        return len(self.head_sizes)
+        return self.layout.num_heads
 
     @property
     def num_rows(self) -> int:
-        return int(self.weight.shape[0])
+        return self.layout.num_rows
+
+    @property
+    def tier(self) -> str:
+        return self.store.tier
+
+    @property
+    def trainable(self) -> bool:
+        return self.store.trainable
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Rows ~ N(0, init_std^2)."""
-        if self.weight.device.type != "meta":
-            self.weight.normal_(0.0, self.init_std)
+        w = self._parameters.get("weight")
+        if w is not None and w.device.type != "meta":
+            w.normal_(0.0, self.init_std)
 
     def _layout(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(offsets [H], sizes [H]) int64 on ``device``; head h starts after heads < h."""
@@ -80,7 +97,8 @@ class EngramTable(nn.Module):
 
     @property
     def offsets(self) -> torch.Tensor:
-        return self._layout(self.weight.device)[0]
+        w = self._parameters.get("weight")
+        return self._layout(w.device if w is not None else torch.device("cpu"))[0]
 
     def flat_ids(self, hash_ids: torch.Tensor, check: bool = False) -> torch.Tensor:
         """Per-head hash ids [..., H] -> flat row ids [..., H]."""
@@ -94,12 +112,58 @@ class EngramTable(nn.Module):
                 raise ValueError(f"hash id {int(hash_ids[pos])} at {pos} outside its head's table")
         return hash_ids + offsets
 
+    # --------------------------------------------------------------------------------------- lookup
+
     def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(self.flat_ids(hash_ids), self.weight, sparse=self.sparse and self.weight.requires_grad)
-        return rows  # [..., H, Dh]
+        return self.store.lookup(self.flat_ids(hash_ids), hash_ids.device, self.sparse)  # [..., H, Dh]
+
+    def gather_rows(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        """Rows [..., H, Dh] without autograd, on the store's side (for a prefetcher)."""
+        flat = self.flat_ids(hash_ids)
+        return self.store.gather(flat.reshape(-1)).reshape(*flat.shape, self.d_head)
+
+    # ------------------------------------------------------------------------------------ placement
+
+    def place(self, tier: str, path: str | Path | None = None, **reader_kw: Any) -> "EngramTable":
+        """Move the rows to ``tier``: "device", "host" (CPU RAM, pinned when CUDA exists) or "disk" (the
+        row file ``path``, refused if its layout differs; the in-memory rows are dropped)."""
+        if tier not in TIERS:
+            raise ValueError(f"unknown table tier {tier!r}; valid tiers: {', '.join(TIERS)}")
+        self.store.close()
+        if tier == "disk":
+            if path is None:
+                raise ValueError(f"table {self.layout.name!r}: the disk tier needs the row file's path")
+            self.store = DiskStore(self.layout, path, **reader_kw)
+            self._parameters.pop("weight", None)  # nothing in memory, nothing to save or train
+            return self
+        w = self._parameters.get("weight")
+        if w is None:
+            raise ValueError(f"table {self.layout.name!r} has no rows in memory (it was placed on disk)")
+        if tier == "host" and w.device.type != "cpu":
+            with torch.no_grad():
+                cpu = w.detach().to("cpu")
+                if torch.cuda.is_available():
+                    cpu = cpu.pin_memory()
+            self.weight = nn.Parameter(cpu, requires_grad=w.requires_grad)
+        self.store = TensorStore(self.layout, self._parameters["weight"], tier)
+        return self
+
+    def _apply(self, fn: Callable, recurse: bool = True):
+        """``model.to(device)`` moves a device-tier table; host rows stay in CPU RAM, disk rows on disk."""
+        if self.tier == "device":
+            out = super()._apply(fn, recurse)
+            self.store = TensorStore(self.layout, self._parameters["weight"], "device")
+            return out
+        held = self._parameters.pop("weight", None)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            if held is not None:
+                self._parameters["weight"] = held
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, rows={self.num_rows}, d_head={self.d_head}, dtype={self.weight.dtype}"
+        return (f"heads={self.num_heads}, rows={self.num_rows}, d_head={self.d_head}, dtype={self.layout.dtype}, "
+                f"tier={self.tier}")
 
 
 def check_layout(saved: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -109,3 +173,6 @@ def check_layout(saved: dict[str, Any], expected: dict[str, Any]) -> None:
     diffs = diff_configs(saved, expected)
     if diffs:
         raise TableLayoutError("Engram table was trained under another hash layout: " + "; ".join(diffs))
+
+
+__all__ = ["EngramTable", "TableLayoutError", "check_layout"]

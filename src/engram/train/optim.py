@@ -7,8 +7,8 @@ group                  optimiser            lr           weight decay
 =====================  ===================  ===========  ==============================================
 ``backbone_decay``     AdamW                lr           ``weight_decay`` (matrices: ndim >= 2, not an
                                                          ``nn.Embedding`` weight)
-``backbone_no_decay``  AdamW                lr           0 (norms, biases, any 1-D tensor, token
-                                                         embeddings, tied heads)
+``backbone_no_decay``  AdamW                lr           0 (norms, also per-branch [M, D] ones, biases,
+                                                         any 1-D tensor, token embeddings, tied heads)
 ``backbone_muon``      Muon (opt-in)        lr           ``weight_decay`` (2-D hidden matrices)
 ``engram_tables``      ``SparseRowAdam``    lr * 5       0 (paper: Adam, lr x5, no decay)
 =====================  ===================  ===========  ==============================================
@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterable, Literal
 
 import torch
 from torch import nn
+
+from engram.memory import trainable_table_parameters
 
 TABLE_GROUP = "engram_tables"
 
@@ -335,8 +337,33 @@ class EngramOptimizer:
         """Current learning rate per group name."""
         return {g["name"]: g["lr"] for g in self.param_groups}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()}}
+    def state_dict(self, without: Iterable[torch.Tensor] = ()) -> dict[str, Any]:
+        """Every member's state dict; the per-parameter state of ``without`` (tables whose moments a
+        checkpoint stores beside their rows) is left out."""
+        skip = {id(p) for p in without}
+        out = {}
+        for k, opt in self.optimizers.items():
+            sd = opt.state_dict()
+            params = [p for g in opt.param_groups for p in g["params"]]
+            sd["state"] = {i: st for i, st in sd["state"].items() if id(params[i]) not in skip}
+            out[k] = sd
+        return {"optimizers": out}
+
+    def param_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """The state one parameter has in whichever member optimizes it ({} before its first step)."""
+        for opt in self.optimizers.values():
+            if any(q is p for g in opt.param_groups for q in g["params"]):
+                return dict(opt.state.get(p, {}))
+        raise KeyError("parameter is not optimized by this EngramOptimizer")
+
+    def load_param_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """Restore one parameter's state (tensors moved to the parameter's device, dtypes kept)."""
+        for opt in self.optimizers.values():
+            if any(q is p for g in opt.param_groups for q in g["params"]):
+                opt.state[p] = {k: v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                                for k, v in state.items()}
+                return
+        raise KeyError("parameter is not optimized by this EngramOptimizer")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["optimizers"]
@@ -374,16 +401,15 @@ def build_optimizers(
 ) -> EngramOptimizer:
     """The paper's split: backbone AdamW (or Muon) at ``lr``, Engram tables ``SparseRowAdam`` at lr x5, wd 0.
 
-    Tables are ``table_params`` if given, else ``model.engram_table_parameters()`` if the model has it,
-    else none. With ``backbone="muon"``, 2-D matrices that are neither embeddings nor ``adamw_only``
+    Tables are ``table_params`` if given, else the rows of ``model.memory_tables()`` (a table on a
+    read-only tier is refused by name), else none. With ``backbone="muon"``, 2-D matrices that are neither embeddings nor ``adamw_only``
     (default: names containing ``lm_head``) go to Muon; the rest stay on AdamW.
     Raises ``ValueError`` naming any trainable parameter that would land in no group or in two.
     """
     if backbone not in ("adamw", "muon"):
         raise ValueError(f"backbone must be 'adamw' or 'muon', got {backbone!r}")
     if table_params is None:
-        getter = getattr(model, "engram_table_parameters", None)
-        table_params = list(getter()) if getter is not None else []
+        table_params = trainable_table_parameters(model)
     table_params = [p for p in table_params if p.requires_grad]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     name_of = {id(p): n for n, p in named}
@@ -392,12 +418,15 @@ def build_optimizers(
         raise ValueError(f"{len(stray)} table parameter(s) are not trainable parameters of the model")
     table_ids = {id(p) for p in table_params}
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # norm gains are scales, not matrices, even when stacked per branch ([M, D]); mHC biases likewise
+    no_decay_ids = {id(q) for m in model.modules() if "Norm" in type(m).__name__ for q in m.parameters(recurse=False)}
+    no_decay_ids |= {id(q) for n, q in named if n.rsplit(".", 1)[-1].startswith("bias")}
 
     decay, no_decay, muon = [], [], []
     for n, p in named:
         if id(p) in table_ids:
             continue
-        is_matrix = p.ndim >= 2 and id(p) not in embedding_ids
+        is_matrix = p.ndim >= 2 and id(p) not in embedding_ids and id(p) not in no_decay_ids
         if backbone == "muon" and is_matrix and p.ndim == 2 and not adamw_only(n, p):
             muon.append(p)
         elif is_matrix:

@@ -2,16 +2,20 @@
 background thread) -> EngramLM with the paper's optimizer split -> checkpoints, metrics, loss curve.
 
 A run directory holds:
+    .lock                  an exclusive OS lock while a process trains in it (see engram.io.RunLock)
     config.json            model + train config of the run (also inside every checkpoint)
     tokenizer.json         the tokenizer the model was trained with
     compression.safetensors  the tokenizer compression map (raw id -> canonical id)
     metrics.jsonl          one record per logged step / evaluation
     loss.png               the loss curve
-    checkpoints/step_*/    atomic checkpoints (see engram.train.checkpoint); ``latest`` names the newest
+    checkpoints/step_*/    atomic checkpoints (see engram.checkpoint); ``latest`` names the newest
 
 ``train(..., resume=True)`` continues from the newest complete checkpoint bit-exactly: model, optimizer
 (sparse table state included), loader position and RNG states are restored; metrics past the
-checkpoint are dropped and recomputed.
+checkpoint are dropped and recomputed. ``resume=True`` with no checkpoint is an error (a typo in
+``--out`` must not silently start over); ``resume="auto"`` starts fresh then, for job scripts.
+
+One process trains in a run directory at a time: a second one fails at once, naming the holder's pid.
 """
 
 from __future__ import annotations
@@ -20,31 +24,30 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from engram.config import ModelConfig, TrainConfig, diff_configs, from_dict, to_dict
+from engram.config import ModelConfig, TrainConfig, diff_configs, to_dict, with_defaults
 from engram.data.bpe import eot_id, load_tokenizer, save_tokenizer, tokenizer_fingerprint, train_corpus_tokenizer
-from engram.data.corpora import default_cache_dir, prepare
+from engram.data.corpora import CORPORA, default_cache_dir, prepare
 from engram.data.loader import EvalLoader, TrainLoader
 from engram.data.shards import TokenDataset, prepare_tokens
-from engram.io import atomic_write_json
+from engram.io import RunLock, atomic_write, atomic_write_json
 from engram.model import EngramLM, build_model
 from engram.tokenizer import CompressionMap
-from engram.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from engram.checkpoint import CONFIG_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+from engram.infer.evaluate import evaluate
+from engram.infer.run import (CHECKPOINTS, COMPRESSION_FILE, LOSS_PNG, METRICS_FILE, RUN_CONFIG, TOKENIZER_FILE,
+                              read_config_json)
+from engram.runtime import autocast
 from engram.train.metrics import JsonlWriter, plot_loss_curves, read_jsonl
-from engram.train.optim import build_optimizers
+from engram.train.optim import EngramOptimizer, build_optimizers
 from engram.train.schedule import build_schedule
 
-RUN_CONFIG = "config.json"
-COMPRESSION_FILE = "compression.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
-METRICS_FILE = "metrics.jsonl"
-LOSS_PNG = "loss.png"
-CHECKPOINTS = "checkpoints"
+Resume = bool | Literal["auto"]
 
 
 @dataclass
@@ -57,16 +60,15 @@ class RunData:
     model_cfg: ModelConfig  # the requested config, with vocab and pad ids taken from the tokenizer
 
 
-def autocast(dtype: str):
-    """bf16 autocast on CPU (about 3x faster here) or a no-op context for fp32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-
 def corpus_tokenizer(corpus_name: str, vocab_size: int, cache_dir: Path, max_bytes: int | None, corpus=None):
-    """The cached byte-level BPE for (corpus, vocab size), trained on first use."""
+    """The cached byte-level BPE for (corpus, vocab size), trained on first use (and again if the cached
+    file is unreadable)."""
     path = cache_dir / "tokenizers" / f"{corpus_name}-{vocab_size}-{max_bytes or 'all'}.json"
     if path.is_file():
-        return load_tokenizer(path)
+        try:
+            return load_tokenizer(path)
+        except ValueError:
+            pass  # a damaged cache entry: rebuild it below
     corpus = corpus if corpus is not None else prepare(corpus_name, cache_dir)
     return train_corpus_tokenizer(corpus, vocab_size, path, max_bytes=max_bytes)
 
@@ -83,6 +85,9 @@ def fit_model_config(cfg: ModelConfig, tok) -> ModelConfig:
 
 
 def prepare_run_data(model_cfg: ModelConfig, tcfg: TrainConfig, cache_dir: Path) -> RunData:
+    if tcfg.corpus in CORPORA and CORPORA[tcfg.corpus].eval_only:
+        trainable = ", ".join(n for n, s in CORPORA.items() if not s.eval_only)
+        raise ValueError(f"corpus {tcfg.corpus!r} is held out for evaluation only; train on one of: {trainable}")
     corpus = prepare(tcfg.corpus, cache_dir)
     if tcfg.tokenizer:
         tok = load_tokenizer(tcfg.tokenizer)
@@ -97,28 +102,16 @@ def run_config(model_cfg: ModelConfig, tcfg: TrainConfig, tok) -> dict[str, Any]
     return {"model": to_dict(model_cfg), "train": to_dict(tcfg), "tokenizer": tokenizer_fingerprint(tok)}
 
 
+# what may differ between a run and its resumption: its length, cadences, and where files live (the
+# tokenizer is compared by content, its fingerprint, not by the path it was given at)
+_RESUMABLE_CHANGES = ("steps", "eval_every", "ckpt_every", "keep_checkpoints", "tokenizer", "loader_timeout")
+
+
 def _resume_key(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What must match to continue a run: the model, the tokenizer and everything that changes the
-    batches or the update; ``steps`` and the logging/checkpoint cadence may change on resume."""
-    train = {k: v for k, v in cfg["train"].items() if k not in ("steps", "eval_every", "ckpt_every", "keep_checkpoints")}
-    return {"model": cfg["model"], "train": train, "tokenizer": cfg["tokenizer"]}
-
-
-@torch.no_grad()
-def evaluate(model: EngramLM, loader: EvalLoader, dtype: str = "bf16") -> dict[str, float]:
-    """Mean next-token loss (nats) over the loader's tokens, and perplexity."""
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for batch in loader:
-        with autocast(dtype):
-            out = model(batch.ids, batch.segment_ids, batch.hash_ids, batch.targets, return_logits=False)
-        k = int((batch.targets != -100).sum())
-        total += float(out.ce_loss) * k
-        n += k
-    model.train(was_training)
-    loss = total / max(n, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
+    """What must match to continue a run, with configs saved by older versions brought up to date
+    (a missing field takes its default, which keeps the old behaviour)."""
+    train = {k: v for k, v in with_defaults(TrainConfig, cfg["train"]).items() if k not in _RESUMABLE_CHANGES}
+    return {"model": with_defaults(ModelConfig, cfg["model"]), "train": train, "tokenizer": cfg["tokenizer"]}
 
 
 @dataclass
@@ -129,6 +122,34 @@ class TrainResult:
     metrics: list[dict[str, Any]]
     final_val: dict[str, float] | None
     tokens_per_s: float
+    empty_batches: int = 0  # batches skipped this session because every target was masked
+
+
+@dataclass
+class _Run:
+    """The objects of one training session, built by ``_build_run``."""
+
+    cfg: ModelConfig
+    tcfg: TrainConfig
+    data: RunData
+    model: EngramLM
+    opt: EngramOptimizer
+    loader: TrainLoader
+    val_loader: EvalLoader
+    config: dict[str, Any]
+    run_dir: Path
+    step: int = 0
+    tokens: int = 0
+    empty_batches: int = 0
+    extra_files: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / CHECKPOINTS
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / METRICS_FILE
 
 
 def train(
@@ -136,7 +157,7 @@ def train(
     tcfg: TrainConfig,
     run_dir: str | Path,
     *,
-    resume: bool = False,
+    resume: Resume = False,
     cache_dir: str | Path | None = None,
     progress: bool = True,
     stop_after: int | None = None,
@@ -144,102 +165,131 @@ def train(
 ) -> TrainResult:
     """Train (or resume) a run in ``run_dir``. ``stop_after`` ends early at that step (after its
     checkpoint), as an interrupted run would."""
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} exists and is not a directory")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    with RunLock(run_dir):
+        run = _build_run(model_cfg, tcfg, run_dir, cache_dir)
+        _start_or_resume(run, resume)
+        end = tcfg.steps if stop_after is None else min(tcfg.steps, stop_after)
+        return _train_until(run, end, progress, label)
+
+
+def _build_run(model_cfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, cache_dir: Path) -> _Run:
     data = prepare_run_data(model_cfg, tcfg, cache_dir)
     cfg = data.model_cfg
     torch.manual_seed(tcfg.seed)
     model = build_model(cfg, data.compression.lookup).train()
     opt = build_optimizers(model, tcfg.lr, tcfg.weight_decay, (tcfg.beta1, tcfg.beta2), tcfg.table_lr_mult,
                            backbone=tcfg.backbone_optimizer)
-    sched = _schedule(tcfg)
     hash_fn = model.hash if model.hasher is not None else None
-    loader = TrainLoader(data.datasets["train"], tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, hash_fn=hash_fn)
-    val_loader = EvalLoader(data.datasets["val"], tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches, hash_fn=hash_fn)
-    config = run_config(cfg, tcfg, data.tokenizer)
-    fingerprint = model.hasher.fingerprint() if model.hasher is not None else None
-    ckpt_root = run_dir / CHECKPOINTS
-    metrics_path = run_dir / METRICS_FILE
+    loader = TrainLoader(data.datasets["train"], tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, hash_fn=hash_fn,
+                         timeout=tcfg.loader_timeout)
+    val_loader = EvalLoader(data.datasets["val"], tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches, hash_fn=hash_fn,
+                            timeout=tcfg.loader_timeout, source=f"corpus {tcfg.corpus!r} validation split")
+    extra = {TOKENIZER_FILE: run_dir / TOKENIZER_FILE, COMPRESSION_FILE: run_dir / COMPRESSION_FILE}
+    return _Run(cfg, tcfg, data, model, opt, loader, val_loader, run_config(cfg, tcfg, data.tokenizer), run_dir,
+                extra_files=extra)
 
-    step, tokens = 0, 0
-    if resume and latest_checkpoint(ckpt_root) is not None:
-        saved = json.loads((latest_checkpoint(ckpt_root) / "config.json").read_text())
-        diffs = diff_configs(_resume_key(saved), _resume_key(config))
+
+def _start_or_resume(run: _Run, resume: Resume) -> None:
+    """Restore the newest checkpoint (resume) or start a fresh run; then write the run's files."""
+    latest = latest_checkpoint(run.ckpt_root)
+    if resume and latest is not None:
+        saved = read_config_json(latest / CONFIG_FILE)
+        diffs = diff_configs(_resume_key(saved), _resume_key(run.config))
         if diffs:
             raise ValueError("cannot resume: the run was started with another configuration: " + "; ".join(diffs))
-        ck = load_checkpoint(ckpt_root, model, opt, expected_config=saved, expected_fingerprint=fingerprint)
-        step, tokens = ck.step, int(ck.trainer_state["tokens"])
-        loader.load_state_dict(ck.trainer_state["loader"])
-        kept = [r for r in read_jsonl(metrics_path) if r["step"] <= step] if metrics_path.exists() else []
-        _rewrite_jsonl(metrics_path, kept)
+        ck = load_checkpoint(latest, run.model, run.opt, expected_config=saved)
+        run.step, run.tokens = ck.step, int(ck.trainer_state["tokens"])
+        run.loader.load_state_dict(ck.trainer_state["loader"])
+        kept = [r for r in read_jsonl(run.metrics_path) if r["step"] <= run.step] if run.metrics_path.exists() else []
+        _rewrite_jsonl(run.metrics_path, kept)
+    elif resume is True:
+        raise ValueError(f"nothing to resume: {run.ckpt_root} holds no complete checkpoint; start without --resume "
+                         "(or pass --resume auto to start fresh when there is none)")
+    elif latest is not None:
+        raise ValueError(f"{run.run_dir} already holds a run; pass resume=True (--resume) or use another directory")
     else:
-        if ckpt_root.exists() and latest_checkpoint(ckpt_root) is not None:
-            raise ValueError(f"{run_dir} already holds a run; pass resume=True (--resume) or use another directory")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _rewrite_jsonl(metrics_path, [])
-    save_tokenizer(data.tokenizer, run_dir / TOKENIZER_FILE)
-    data.compression.save(run_dir / COMPRESSION_FILE)
-    atomic_write_json(run_dir / RUN_CONFIG, config)
+        _rewrite_jsonl(run.metrics_path, [])
+    save_tokenizer(run.data.tokenizer, run.run_dir / TOKENIZER_FILE)
+    run.data.compression.save(run.run_dir / COMPRESSION_FILE)
+    atomic_write_json(run.run_dir / RUN_CONFIG, run.config)
 
-    writer = JsonlWriter(metrics_path)
-    extra = {TOKENIZER_FILE: run_dir / TOKENIZER_FILE, COMPRESSION_FILE: run_dir / COMPRESSION_FILE,
-             "hash_layout.json": model.hash_layout() or {}}
 
-    def checkpoint(at: int) -> None:
-        save_checkpoint(ckpt_root, at, model, opt, config, {"tokens": tokens, "loader": loader.state_dict()},
-                        fingerprint=fingerprint, extra_files=extra, keep_last=tcfg.keep_checkpoints)
 
-    end = tcfg.steps if stop_after is None else min(tcfg.steps, stop_after)
-    bar = _progress(progress, step, tcfg.steps, label)
-    final_val, t_start, tok_start = None, time.perf_counter(), tokens
+def _train_step(run: _Run, sched) -> dict[str, Any]:
+    """One optimizer step on the next batch; returns its metrics record (without evaluation)."""
+    batch = next(run.loader)
+    run.opt.set_lr_factor(sched(run.step))
+    with autocast(run.tcfg.dtype, batch.ids.device):
+        out = run.model(batch.ids, batch.segment_ids, batch.hash_ids, batch.targets, return_logits=False)
+    out.loss.backward()
+    gnorm = _clip(run.model, run.tcfg.grad_clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.model.update_moe_bias()
+    run.step += 1
+    run.tokens += batch.ids.numel()
+    loss = float(out.ce_loss.detach())
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss} at step {run.step}; lower the learning rate")
+    rec: dict[str, Any] = {"step": run.step, "tokens": run.tokens, "train_loss": loss, "grad_norm": gnorm,
+                           "lr": run.opt.param_groups[0]["lr"]}
+    if not bool((batch.targets != -100).any()):  # loss is 0 by definition: say so, never a NaN
+        run.empty_batches += 1
+        rec["empty_batch"] = True
+    return rec
+
+
+def _checkpoint(run: _Run, at: int) -> None:
+    save_checkpoint(run.ckpt_root, at, run.model, run.opt, run.config,
+                    {"tokens": run.tokens, "loader": run.loader.state_dict()},
+                    extra_files=run.extra_files, keep_last=run.tcfg.keep_checkpoints)
+
+
+def _train_until(run: _Run, end: int, progress: bool, label: str | None) -> TrainResult:
+    tcfg = run.tcfg
+    sched = build_schedule(tcfg.schedule, total_steps=tcfg.steps, warmup_steps=tcfg.warmup_steps)
+    writer = JsonlWriter(run.metrics_path)
+    bar = _progress(progress, run.step, tcfg.steps, label)
+    final_val, t_start, tok_start = None, time.perf_counter(), run.tokens
     try:
-        while step < end:
-            batch = next(loader)
-            opt.set_lr_factor(sched(step))
-            with autocast(tcfg.dtype):
-                out = model(batch.ids, batch.segment_ids, batch.hash_ids, batch.targets, return_logits=False)
-            out.loss.backward()
-            gnorm = _clip(model, tcfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.update_moe_bias()
-            step += 1
-            tokens += batch.ids.numel()
-            loss = float(out.ce_loss.detach())
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss} at step {step}; lower the learning rate")
-            rate = (tokens - tok_start) / max(time.perf_counter() - t_start, 1e-9)
-            rec: dict[str, Any] = {"step": step, "tokens": tokens, "train_loss": loss, "grad_norm": gnorm,
-                                   "lr": opt.param_groups[0]["lr"], "tokens_per_s": rate}
-            if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                final_val = evaluate(model, val_loader, tcfg.dtype)
+        while run.step < end:
+            rec = _train_step(run, sched)
+            rec["tokens_per_s"] = (run.tokens - tok_start) / max(time.perf_counter() - t_start, 1e-9)
+            if run.step % tcfg.eval_every == 0 or run.step == tcfg.steps:
+                final_val = evaluate(run.model, run.val_loader, tcfg.dtype)
                 rec.update(val_loss=final_val["loss"], val_ppl=final_val["ppl"])
             writer.write(rec)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", **({"val": f"{final_val['loss']:.3f}"} if "val_loss" in rec else {}))
-            if step % tcfg.ckpt_every == 0 or step == end:
-                checkpoint(step)
+                post = {"val": f"{final_val['loss']:.3f}"} if "val_loss" in rec else {}
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", **post)
+            if run.step % tcfg.ckpt_every == 0 or run.step == end:
+                _checkpoint(run, run.step)
     finally:
-        loader.close()
+        run.loader.close()
         writer.close()
         if bar is not None:
             bar.close()
-    records = read_jsonl(metrics_path)
+    return _finish(run, final_val, t_start, tok_start, label)
+
+
+def _finish(run: _Run, final_val: dict | None, t_start: float, tok_start: int, label: str | None) -> TrainResult:
+    records = read_jsonl(run.metrics_path)
     if records:
-        plot_loss_curves({label or run_dir.name: records}, run_dir / LOSS_PNG)
-    if tokens > tok_start:
-        rate = (tokens - tok_start) / max(time.perf_counter() - t_start, 1e-9)
+        plot_loss_curves({label or run.run_dir.name: records}, run.run_dir / LOSS_PNG)
+    if run.tokens > tok_start:
+        rate = (run.tokens - tok_start) / max(time.perf_counter() - t_start, 1e-9)
     else:  # resumed a finished run: nothing trained now, report what the run measured
         rate = records[-1]["tokens_per_s"] if records else 0.0
     if final_val is None:  # e.g. a finished run resumed, or a stop between evaluations
-        final_val = evaluate(model, val_loader, tcfg.dtype)
-    return TrainResult(run_dir, model.eval(), step, records, final_val, rate)
-
-
-def _schedule(t: TrainConfig):
-    """lr factor per step; "step" is the paper's step decay (x0.316 at 80% and again at 90% of training)."""
-    return build_schedule(t.schedule, total_steps=t.steps, warmup_steps=t.warmup_steps)
+        final_val = evaluate(run.model, run.val_loader, run.tcfg.dtype)
+    return TrainResult(run.run_dir, run.model.eval(), run.step, records, final_val, rate, run.empty_batches)
 
 
 def _clip(model: torch.nn.Module, max_norm: float) -> float:
@@ -253,8 +303,6 @@ def _clip(model: torch.nn.Module, max_norm: float) -> float:
 
 
 def _rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    from engram.io import atomic_write
-
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
@@ -264,35 +312,3 @@ def _progress(enabled: bool, start: int, total: int, label: str | None):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, desc=label or "train", unit="step", dynamic_ncols=True)
-
-
-# ------------------------------------------------------------------------------------------- loading
-
-
-@dataclass
-class LoadedRun:
-    model: EngramLM
-    tokenizer: Any
-    compression: CompressionMap
-    config: dict[str, Any]
-    step: int
-
-
-def load_run(path: str | Path, step_dir: str | Path | None = None) -> LoadedRun:
-    """Load a trained model for evaluation or generation from a run directory (or one checkpoint)."""
-    path = Path(path)
-    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
-    ck_dir = Path(step_dir) if step_dir is not None else latest_checkpoint(root)
-    if ck_dir is None:
-        if (path / "manifest.json").is_file():
-            ck_dir = path
-        else:
-            raise FileNotFoundError(f"no checkpoint under {path}")
-    config = json.loads((ck_dir / "config.json").read_text())
-    model_cfg = from_dict(ModelConfig, config["model"])
-    tok = load_tokenizer(ck_dir / TOKENIZER_FILE)
-    cmap = CompressionMap.load(ck_dir / COMPRESSION_FILE)
-    model = build_model(model_cfg, cmap.lookup)
-    fp = model.hasher.fingerprint() if model.hasher is not None else None
-    ck = load_checkpoint(ck_dir, model, None, expected_config=config, expected_fingerprint=fp, restore_rng=False)
-    return LoadedRun(model.eval(), tok, cmap, config, ck.step)

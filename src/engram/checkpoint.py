@@ -2,14 +2,19 @@
 
 Layout of ``<root>/step_00001000/``::
 
-    model.safetensors    backbone weights (and every non-table tensor of ``model.state_dict()``)
-    tables.safetensors   Engram tables (keys chosen by ``is_table`` or ``model.engram_table_parameters()``)
-    optimizer.pt         ``optimizer.state_dict()`` (torch.save; loaded with ``weights_only=True``)
+    model.safetensors    backbone weights (every tensor of ``model.state_dict()`` but the tables')
+    table.<name>.rows-<start>-<stop>.safetensors
+                         row-range files, one per table (``model.memory_tables()``) here: the rows
+                         [start, stop) as "weight" and, beside them, the optimizer's row state for them
+                         ("exp_avg", "exp_avg_sq", ...; scalars such as "step" in the metadata), so a
+                         sharded run saves each shard's range and any world size can read any range
+    optimizer.pt         the optimizer's state without the tables' (torch.save; loaded weights_only)
     rng.pt               python ``random``, numpy global and torch (CPU + CUDA) RNG states
     trainer.json         {"step": int, "trainer": caller's dict (tokens seen, loader position, metrics)}
     config.json          the run's config dict, checked on load
-    <extra files>        whatever the caller passes (tokenizer.json, compression map, hash fingerprint)
-    manifest.json        format version, fingerprint, table keys, tied-weight aliases, size + sha256 per file
+    <extra files>        whatever the caller passes (tokenizer.json, compression map, hash layout)
+    manifest.json        format version, hash layout fingerprint, table keys, tied-weight aliases, size +
+                         sha256 per file
 
 ``<root>/latest`` is a one-line pointer to the newest directory, replaced atomically.
 
@@ -21,12 +26,17 @@ Guarantees:
     directory that is gone, ``latest_checkpoint`` falls back to the newest complete one.
   * A failed write (disk full, ...) removes the temp directory and raises ``OSError`` with the same errno,
     naming the checkpoint and file; earlier checkpoints are not touched.
-  * Load checks, before touching the model: config (``ValueError`` listing differing fields), hash layout
-    fingerprint, every file's size (truncation) and sha256 (corruption), safetensors readability (error
-    names the file), and missing / unexpected / mis-shaped model keys.
+  * Load checks, before touching the model: config (``ValueError`` listing differing fields), the hash
+    layout (always: the checkpoint's fingerprint against the model's own ``hash_fingerprint()``, naming
+    the differing layout fields), every file's size (truncation) and sha256 (corruption), manifest file
+    names (plain names only), safetensors readability (error names the file), and missing / unexpected /
+    mis-shaped model keys.
   * One writer per root. Saving weights holds a serialised copy of each safetensors file in memory.
 
 Tied weights (one tensor under two state-dict keys) are stored once and re-aliased on load.
+
+Format versions: 2 (row-range table files, above); 1 (every table in ``tables.safetensors`` and its state
+inside optimizer.pt) still loads.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import safetensors.torch
@@ -49,10 +59,14 @@ from torch import nn
 
 from engram import io as eio
 from engram.config import diff_configs
+from engram.memory import memory_tables
+from engram.memory.layout import TableLayout, TableLayoutError
+from engram.memory.store import ReadOnlyTableError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MODEL_FILE = "model.safetensors"
-TABLES_FILE = "tables.safetensors"
+TABLES_FILE = "tables.safetensors"  # format 1 only
 OPTIM_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 TRAINER_FILE = "trainer.json"
@@ -60,7 +74,7 @@ CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 RESERVED = frozenset({MODEL_FILE, TABLES_FILE, OPTIM_FILE, RNG_FILE, TRAINER_FILE, CONFIG_FILE, MANIFEST_FILE})
-TEST_DELAY_ENV = "ENGRAM_CHECKPOINT_TEST_DELAY"  # seconds to sleep after each file (kill tests only)
+HASH_LAYOUT_FILE = "hash_layout.json"  # written by save_checkpoint for models that hash
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -140,24 +154,38 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _table_keys(model: nn.Module, is_table: Callable[[str], bool] | None, keys: list[str]) -> set[str]:
-    if is_table is not None:
-        return {k for k in keys if is_table(k)}
-    getter = getattr(model, "engram_table_parameters", None)
-    if getter is None:
-        return set()
-    ids = {id(p) for p in getter()}
-    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
+def model_fingerprint(model: nn.Module) -> str | None:
+    """The hash layout fingerprint of a model (None for a model without hashed memory)."""
+    getter = getattr(model, "hash_fingerprint", None)
+    return getter() if getter is not None else None
 
 
-def _split_state(model: nn.Module, is_table: Callable[[str], bool] | None):
-    """state_dict -> (backbone tensors, table tensors, aliases {key: stored key}), all CPU + contiguous."""
+def _model_layout(model: nn.Module) -> dict[str, Any] | None:
+    getter = getattr(model, "hash_layout", None)
+    return getter() if getter is not None else None
+
+
+def _tables(model: nn.Module) -> dict[str, tuple[str, Any]]:
+    """Memory tables by name -> (state-dict key of their rows, the table); refuses a read-only tier."""
+    keys = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    out = {}
+    for name, table in memory_tables(model).items():
+        if not table.trainable:
+            raise ReadOnlyTableError(f"table {name!r} lives on the read-only {table.tier} tier; a checkpoint "
+                                     "needs every table's rows in memory (place it on the device or host tier)")
+        out[name] = (keys[id(table.weight)], table)
+    return out
+
+
+def _split_state(model: nn.Module, table_keys: set[str]):
+    """state_dict without the tables -> (tensors, aliases {key: stored key}), all CPU + contiguous."""
     sd = model.state_dict()
-    tables = _table_keys(model, is_table, list(sd))
     stored: dict[tuple, str] = {}
     seen_storage: set[int] = set()
-    backbone, table, aliases = {}, {}, {}
+    backbone, aliases = {}, {}
     for k, t in sd.items():
+        if k in table_keys:
+            continue
         t = t.detach()
         view = None
         if t.numel():
@@ -171,8 +199,30 @@ def _split_state(model: nn.Module, is_table: Callable[[str], bool] | None):
         if view is not None:
             stored[view] = k
             seen_storage.add(ptr)
-        (table if k in tables else backbone)[k] = t.cpu().contiguous()
-    return backbone, table, aliases
+        backbone[k] = t.cpu().contiguous()
+    return backbone, aliases
+
+
+def range_file_name(table: str, start: int, stop: int) -> str:
+    return f"table.{table}.rows-{start}-{stop}.safetensors"
+
+
+def _row_range_payload(table: Any, optimizer: Any | None, start: int, stop: int):
+    """A writer of rows [start, stop) and the optimizer's row state for them (moments stay beside rows)."""
+    w = table.weight.detach()
+    tensors = {"weight": w[start:stop].cpu().contiguous()}
+    scalars: dict[str, Any] = {}
+    state = optimizer.param_state(table.weight) if optimizer is not None and hasattr(optimizer, "param_state") else {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == w.shape[0]:
+            tensors[k] = v[start:stop].cpu().contiguous()
+        elif isinstance(v, torch.Tensor):
+            scalars[k] = v.item()
+        else:
+            scalars[k] = v
+    meta = {"table": table.layout.name, "start": str(start), "stop": str(stop), "rows": str(w.shape[0]),
+            "optimizer_scalars": json.dumps(scalars), "layout": json.dumps(table.layout.to_dict(), sort_keys=True)}
+    return lambda: safetensors.torch.save(tensors, metadata=meta)
 
 
 # --------------------------------------------------------------------------------------------- save
@@ -204,6 +254,13 @@ def _remove_stale_temps(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _optimizer_state(optimizer: Any, table_params: list) -> Any:
+    """The optimizer's state without the tables' per-row state (that lives in the row-range files)."""
+    if hasattr(optimizer, "param_state"):
+        return optimizer.state_dict(without=table_params)
+    return optimizer.state_dict()
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -212,8 +269,6 @@ def save_checkpoint(
     config: Mapping[str, Any],
     trainer_state: Mapping[str, Any] | None = None,
     *,
-    fingerprint: str | None = None,
-    is_table: Callable[[str], bool] | None = None,
     extra_files: Mapping[str, bytes | os.PathLike | Mapping[str, Any]] | None = None,
     keep_last: int | None = 3,
 ) -> Path:
@@ -221,8 +276,8 @@ def save_checkpoint(
 
     ``optimizer`` is anything with ``state_dict()`` (an ``EngramOptimizer``) or None. ``trainer_state``
     and ``config`` must be JSON-serialisable. ``extra_files`` maps a plain file name to bytes, a path to
-    copy, or a dict written as JSON. Tables are the keys ``is_table(key)`` accepts, else the model's
-    ``engram_table_parameters()``.
+    copy, or a dict written as JSON. Tables (``model.memory_tables()``) go into row-range files with
+    their optimizer state. The model's hash layout (if it has one) is recorded from the model.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -231,13 +286,17 @@ def save_checkpoint(
     root = Path(root)
     extra_files = dict(extra_files or {})
     for name in extra_files:
-        if not _NAME_OK.match(name) or name in RESERVED or name == LATEST_FILE:
+        if not _NAME_OK.match(name) or name in RESERVED or name in (LATEST_FILE, HASH_LAYOUT_FILE):
             raise ValueError(f"bad extra file name {name!r}: plain names only, not one of {sorted(RESERVED)}")
     # serialise the small things first so a bad value fails before anything is written
     config_bytes = _json_bytes(dict(config), "config")
     trainer_bytes = _json_bytes({"step": int(step), "trainer": dict(trainer_state or {})}, "trainer_state")
-    backbone, tables, aliases = _split_state(model, is_table)
-    delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+    tables = _tables(model)
+    backbone, aliases = _split_state(model, {key for key, _ in tables.values()})
+    table_params = [t.weight for _, t in tables.values()]
+    fingerprint, layout = model_fingerprint(model), _model_layout(model)
+    if layout is not None:
+        extra_files[HASH_LAYOUT_FILE] = layout
 
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root)
@@ -252,11 +311,16 @@ def save_checkpoint(
             (CONFIG_FILE, config_bytes),
             (TRAINER_FILE, trainer_bytes),
             (MODEL_FILE, lambda: safetensors.torch.save(backbone, metadata=meta)),
-            (TABLES_FILE, lambda: safetensors.torch.save(tables, metadata={"format": "pt"})),
             (RNG_FILE, lambda: (lambda f: torch.save(_rng_state(), f))),
         ]
+        table_files = {}
+        for tname, (key, table) in tables.items():
+            fname = range_file_name(tname, 0, table.num_rows)
+            table_files[tname] = {"key": key, "rows": table.num_rows, "ranges": [[0, table.num_rows, fname]],
+                                  "layout": table.layout.to_dict()}
+            payloads.append((fname, _row_range_payload(table, optimizer, 0, table.num_rows)))
         if optimizer is not None:
-            payloads.append((OPTIM_FILE, lambda: (lambda f: torch.save(optimizer.state_dict(), f))))
+            payloads.append((OPTIM_FILE, lambda: (lambda f: torch.save(_optimizer_state(optimizer, table_params), f))))
         for fname, value in extra_files.items():
             if isinstance(value, (bytes, bytearray)):
                 payloads.append((fname, bytes(value)))
@@ -271,14 +335,13 @@ def save_checkpoint(
             current = fname
             eio.write_synced(tmp / fname, data() if callable(data) else data)
             files[fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": eio.sha256_file(tmp / fname)}
-            if delay:
-                time.sleep(delay)
+            eio.fault_point(f"checkpoint.file:{fname}")
         current = MANIFEST_FILE
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": int(step),
             "fingerprint": fingerprint,
-            "table_keys": sorted(tables),
+            "tables": table_files,
             "aliases": aliases,
             "extra_files": sorted(extra_files),
             "files": files,
@@ -287,6 +350,7 @@ def save_checkpoint(
         eio.write_synced(tmp / MANIFEST_FILE, _json_bytes(manifest, "manifest"))
         eio.fsync_dir(tmp)
         current = "(rename into place)"
+        eio.fault_point("checkpoint.rename")
         old = None
         if final.exists():  # re-saving a step: swap, then delete the old copy
             old = root / f".tmp-old-{name}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -345,8 +409,88 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {e}") from None
 
 
+def _check_manifest_names(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Every file a manifest names is a plain file name inside the checkpoint (no ``..``, no paths)."""
+    names = list(manifest.get("files", {})) + list(manifest.get("extra_files", []))
+    bad = [n for n in names if not isinstance(n, str) or not _NAME_OK.match(n)]
+    if bad:
+        raise CheckpointError(f"{path / MANIFEST_FILE}: file names must be plain names inside the checkpoint, got {bad}")
+
+
+def _check_hash_layout(path: Path, manifest: Mapping[str, Any], model: nn.Module) -> None:
+    """The checkpoint's hash layout must be the model's: rows are meaningless under another layout."""
+    saved, own = manifest.get("fingerprint"), model_fingerprint(model)
+    if saved == own:
+        return
+    detail = ""
+    if (path / HASH_LAYOUT_FILE).is_file() and (layout := _model_layout(model)) is not None:
+        diffs = diff_configs(_read_json(path / HASH_LAYOUT_FILE), _normalise(layout))
+        detail = ": " + "; ".join(f"saved {d}" for d in diffs[:8]) if diffs else ""
+    raise CheckpointError(
+        f"checkpoint {path} was trained under another hash layout (fingerprint {saved!r}, the model's is "
+        f"{own!r}){detail}; its tables would be read at the wrong rows"
+    )
+
+
 def _normalise(d: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(d)))  # tuples -> lists, as in the saved JSON
+
+
+def _table_modules(model: nn.Module) -> dict[str, tuple[str, Any]]:
+    """Memory tables by name -> (state-dict key of their rows, table), whatever their tier."""
+    path_of = {id(m): n for n, m in model.named_modules()}
+    return {name: (f"{path_of[id(t)]}.weight", t) for name, t in memory_tables(model).items()}
+
+
+def _load_tables(path: Path, manifest: Mapping[str, Any], model: nn.Module):
+    """(state-dict tensors of the model's in-memory tables, [(parameter, optimizer row state)])."""
+    own = _table_modules(model)
+    on_disk = {key for key, t in own.values() if not t.trainable}
+    if manifest.get("format_version") == 1:
+        tensors, _ = _load_safetensors(path / TABLES_FILE)
+        return {k: v for k, v in tensors.items() if k not in on_disk}, []
+    saved = manifest.get("tables", {})
+    unknown = sorted(set(saved) - set(own))
+    if unknown:
+        raise CheckpointError(f"checkpoint {path} holds tables {unknown} this model does not have")
+    tensors, states = {}, []
+    for name, (key, table) in own.items():
+        if not table.trainable:
+            continue
+        if name not in saved:
+            raise CheckpointError(f"checkpoint {path} has no rows for table {name!r}")
+        try:
+            table.layout.check_same_rows(TableLayout.from_dict(saved[name]["layout"]), f"checkpoint {path}")
+        except TableLayoutError as e:
+            raise CheckpointError(str(e)) from None
+        rows, scalars = read_table_rows(path, saved[name], 0, table.num_rows)
+        tensors[key] = rows.pop("weight")
+        if rows or scalars:
+            states.append((table.weight, {**scalars, **rows}))
+    return tensors, states
+
+
+def read_table_rows(path: Path, entry: Mapping[str, Any], start: int, stop: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Rows [start, stop) of one table (weight and optimizer row state) from whichever row-range files
+    of checkpoint ``path`` cover them; refuses gaps and overlaps. Returns (tensors, optimizer scalars)."""
+    ranges = sorted((int(a), int(b), f) for a, b, f in entry["ranges"])
+    covered, parts, scalars = start, [], {}
+    for a, b, fname in ranges:
+        if b <= covered or a >= stop:
+            continue
+        if a > covered:
+            raise CheckpointError(f"checkpoint {path}: rows [{covered}, {a}) of table {entry.get('key')} are in no file")
+        tensors, meta = _load_safetensors(path / fname)
+        lo, hi = covered - a, min(b, stop) - a
+        parts.append({k: v[lo:hi] for k, v in tensors.items()})
+        scalars = json.loads(meta.get("optimizer_scalars", "{}"))
+        covered = min(b, stop)
+    if covered < stop:
+        raise CheckpointError(f"checkpoint {path}: rows [{covered}, {stop}) of table {entry.get('key')} are in no file")
+    keys = set(parts[0]) if parts else {"weight"}
+    if any(set(p) != keys for p in parts):
+        raise CheckpointError(f"checkpoint {path}: row-range files of table {entry.get('key')} hold different tensors")
+    return {k: torch.cat([p[k] for p in parts]) for k in keys}, scalars
 
 
 def load_checkpoint(
@@ -354,7 +498,6 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: Any | None,
     expected_config: Mapping[str, Any] | None,
-    expected_fingerprint: str | None = None,
     *,
     restore_rng: bool = True,
     verify: bool = True,
@@ -362,8 +505,8 @@ def load_checkpoint(
     """Load a checkpoint directory (or the latest under a root) into ``model`` and ``optimizer``.
 
     Refuses (``CheckpointError``, a ``ValueError``), before changing anything, a checkpoint whose config
-    differs from ``expected_config`` (listing the fields; None skips the check), whose fingerprint differs
-    from ``expected_fingerprint`` (None skips), whose files are truncated or corrupt (naming the file;
+    differs from ``expected_config`` (listing the fields; None skips the check), whose hash layout differs
+    from the model's (always checked), whose files are truncated or corrupt (naming the file;
     ``verify=False`` skips the sha256 pass but not the size check), or whose keys do not match the model.
     ``optimizer=None`` skips optimiser state. ``restore_rng`` restores python/numpy/torch RNG states.
     """
@@ -374,12 +517,13 @@ def load_checkpoint(
             raise FileNotFoundError(f"no checkpoint at {path} (no {MANIFEST_FILE}, no complete step_* directory)")
         path = found
     manifest = _read_json(path / MANIFEST_FILE)
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path}: checkpoint format {manifest.get('format_version')} != supported {FORMAT_VERSION}"
+            f"{path}: checkpoint format {manifest.get('format_version')}; this engram reads {READABLE_VERSIONS}"
         )
 
-    # 1. files: present, full length, unchanged
+    # 1. files: plain names, present, full length, unchanged
+    _check_manifest_names(path, manifest)
     for fname, info in manifest["files"].items():
         fpath = path / fname
         if not fpath.is_file():
@@ -401,14 +545,11 @@ def load_checkpoint(
                 f"checkpoint {path} was saved with a different config (expected != saved): " + "; ".join(diffs)
             )
     fingerprint = manifest.get("fingerprint")
-    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-        raise CheckpointError(
-            f"checkpoint {path} has hash layout fingerprint {fingerprint!r}, this run has {expected_fingerprint!r}"
-        )
+    _check_hash_layout(path, manifest, model)
 
-    # 3. weights: exactly the model's keys and shapes
+    # 3. weights: exactly the model's keys and shapes (tables on a read-only tier keep their own rows)
     backbone, meta = _load_safetensors(path / MODEL_FILE)
-    tables, _ = _load_safetensors(path / TABLES_FILE)
+    tables, table_states = _load_tables(path, manifest, model)
     sd = {**backbone, **tables}
     for k, src in json.loads(meta.get("engram_aliases", "{}")).items():
         if src not in sd:
@@ -438,6 +579,8 @@ def load_checkpoint(
     model.load_state_dict(sd, strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(opt_state)
+        for param, state in table_states:
+            optimizer.load_param_state(param, state)
     if rng is not None:
         _set_rng_state(rng)
     return LoadedCheckpoint(
@@ -459,4 +602,6 @@ __all__ = [
     "latest_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
+    "range_file_name",
+    "read_table_rows",
 ]

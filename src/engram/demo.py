@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from engram.bench.common import format_table
 from engram.config import TrainConfig, preset, to_dict
 from engram.io import atomic_write_json
+from engram.report import format_table
 from engram.train.metrics import plot_loss_curves
 
 DEMO_RUNS = (("baseline MoE", "tiny-moe"), ("Engram-MoE", "tiny"))
@@ -35,7 +35,8 @@ def demo_train_config(steps: int) -> TrainConfig:
 
 def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, cache_dir: str | Path | None = None,
              progress: bool = True, out: TextIO = sys.stdout) -> dict:
-    from engram.train.commands import generate_text
+    from engram.analysis.gates import gates_of_run
+    from engram.infer import generate_text
     from engram.train.trainer import train
 
     out_dir = Path(out_dir)
@@ -45,7 +46,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, cache_
     for label, name in DEMO_RUNS:
         run_dir = out_dir / name
         print(f"== training {label} ({name}) for {tcfg.steps} steps of {tcfg.batch_size}x{tcfg.seq_len} tokens", file=out)
-        res = train(preset(name), tcfg, run_dir, resume=True, cache_dir=cache_dir, progress=progress, label=label)
+        res = train(preset(name), tcfg, run_dir, resume="auto", cache_dir=cache_dir, progress=progress, label=label)
         results[label] = (name, res)
 
     rows, summary = [], {"train": to_dict(tcfg), "runs": {}}
@@ -58,8 +59,6 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int | None = None, cache_
                    for p in PROMPTS}
         summary["runs"][label] = {"preset": name, "params": c, "val": val, "tokens_per_s": res.tokens_per_s,
                                   "samples": samples}
-    from engram.train.commands import gates_of_run
-
     gates_png = out_dir / "gates.png"
     gates_of_run(str(results["Engram-MoE"][1].run_dir), GATE_TEXT, str(gates_png))
     summary["gates_png"] = str(gates_png)

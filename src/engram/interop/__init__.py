@@ -1,0 +1,1 @@
+"""Interoperability with other implementations of Engram: key-name and layout mappings (pure functions)."""
