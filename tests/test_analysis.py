@@ -349,6 +349,9 @@ def test_bad_inputs_are_named(mini_cache, tmp_path):
         heldout_batches(tok)
     with pytest.raises(ValueError, match="unknown corpus"):
         heldout_batches(tok, corpus="nope", cache_dir=mini_cache)
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01binary")
+    with pytest.raises(ValueError, match="blob.bin looks binary"):
+        heldout_batches(tok, file=tmp_path / "blob.bin")
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(ValueError, match="short.txt: .*too few tokens"):
         heldout_batches(tok, file=tmp_path / "short.txt")

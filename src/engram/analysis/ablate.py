@@ -92,9 +92,12 @@ def heldout_loss(model, batches, dtype: str = "fp32") -> float:
         with autocast(model, dtype):
             out = model(b.ids, b.segment_ids, targets=b.targets, return_logits=False)
         k = int((b.targets != -100).sum())
-        total += float(out.ce_loss) * k
-        n += k
-    return total / max(n, 1)
+        if k:  # a batch of only masked targets has a NaN mean loss and no weight
+            total += float(out.ce_loss) * k
+            n += k
+    if n == 0:
+        raise ValueError("nothing to evaluate: every held-out target is masked")
+    return total / n
 
 
 def ablation_markdown(res: dict, title: str = "Engram switched off at inference") -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from engram.data import Batch, Document, EvalLoader, eot_id, prepare, prepare_tokens, write_token_dataset
 from engram.data.corpora import default_cache_dir
 from engram.data.shards import TokenDataset, tokenize_documents
+from engram.infer import read_text_file
 
 
 def heldout_batches(
@@ -35,9 +36,9 @@ def heldout_batches(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if file is not None:
         path = Path(file)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"no such text file: {path}")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(path)  # refuses directories and binary files, naming them
         with tempfile.TemporaryDirectory() as tmp:
             docs = [Document(text=text, source="file", path=str(path))]
             write_token_dataset(tokenize_documents(docs, tokenizer), tmp, vocab_size=tokenizer.get_vocab_size(),

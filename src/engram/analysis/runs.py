@@ -17,7 +17,7 @@ from engram.analysis.lens import logit_lens, plot_logit_lens
 from engram.analysis.probes import copy_probes, factual_probes, key_value_probes
 from engram.data import eot_id, prepare, prepare_tokens
 from engram.data.corpora import default_cache_dir
-from engram.infer import load_run
+from engram.infer import load_run, read_text_file
 from engram.io import atomic_write, atomic_write_json
 
 
@@ -34,9 +34,9 @@ def analyze_gates(run: str | Path, out_dir: str | Path, text: str | None = None,
     if (text is None) == (file is None):
         raise ValueError("give exactly one of --text TEXT or --file PATH")
     if file is not None:
-        if not Path(file).is_file():
+        if not Path(file).exists():
             raise FileNotFoundError(f"no such text file: {file}")
-        text = Path(file).read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(file)
     lr = load_run(run)
     values = gate_values(lr.model, lr.tokenizer, text, bos_id=eot_id(lr.tokenizer))
     paths = write_gate_report(values, out_dir, title=f"Engram gates: {_label(run)}")
