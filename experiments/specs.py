@@ -80,9 +80,10 @@ SIZES: dict[str, Size] = {
         MoEConfig(n_routed=16, n_shared=1, top_k=2, d_expert=64, first_dense=1),
         EngramConfig(layers=(1,), max_ngram=3, heads=2, table_sizes=(1000, 1000), d_mem=16),
         corpus="en", seq_len=256, batch_size=16, lr=3e-3,
-        # measured here (fp32, tokens/s): dense 6,854, MoE 6,094, Engram-MoE 5,558, OverEncoding 5,640,
-        # 4-gram 5,370, M = 4 2,038 (per-branch) / 2,008 (single); ~45 s per run of start-up and evaluation
-        tokens={"iso": 6_000_000, "rho": 2_750_000, "memory": 1_750_000, "placement": 1_100_000},
+        # measured here (fp32, tokens/s, quiet machine): dense 11,013, MoE 9,800, Engram-MoE 9,159, OverEncoding
+        # 9,044, 4-gram 7,590, M = 4 3,556 (per-branch) / 3,265 (single); ~45 s per run for start-up and
+        # evaluation (90 s at M = 4): each experiment is estimated at 2.3 h (docs/experiments.md)
+        tokens={"iso": 8_500_000, "rho": 3_700_000, "memory": 2_300_000, "placement": 1_500_000},
         eval_sets=_HELD_OUT, memory_rows=(10_000, 32_000, 100_000, 320_000)),
     # GPU sizes: the `tiny` and `small` preset backbones, under one epoch of `en` (15.0 M / 13.8 M tokens
     # with their 8k / 16k BPEs)
