@@ -150,3 +150,83 @@ def ref_fusion(h, e, value_w, key_w, q_w, k_w, conv_norm_w=None, conv_w=None, di
                 y[b, t] += z[b, src] * conv_w[:, j].double()
     y = F.silu(y).reshape(B, T, M, D)
     return (vt + y) * keep[:, :, None, None], gate
+
+
+# ----------------------------------------------------------------------------------------- analysis
+
+
+def ref_hsic_unbiased(K, L):
+    """Song et al. (2012)'s unbiased HSIC from two n x n kernel matrices, term by term with loops."""
+    n = len(K)
+    Kt = [[0.0 if i == j else float(K[i][j]) for j in range(n)] for i in range(n)]
+    Lt = [[0.0 if i == j else float(L[i][j]) for j in range(n)] for i in range(n)]
+    trace = sum(Kt[i][j] * Lt[j][i] for i in range(n) for j in range(n))
+    sum_k = sum(Kt[i][j] for i in range(n) for j in range(n))
+    sum_l = sum(Lt[i][j] for i in range(n) for j in range(n))
+    k_row = [sum(Kt[i][j] for j in range(n)) for i in range(n)]  # K~ 1
+    l_col = [sum(Lt[i][j] for i in range(n)) for j in range(n)]  # 1^T L~ (= L~ 1: symmetric)
+    cross = sum(k_row[j] * l_col[j] for j in range(n))  # 1^T K~ L~ 1
+    return (trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * cross) / (n * (n - 3))
+
+
+def ref_hsic_ustatistic(K, L):
+    """The same estimator as a U-statistic over ordered quadruples of distinct indices (Song et al.,
+    Theorem 2): (n)_4^-1 sum h(i, j, q, r), h = 1/24 sum over the 24 orderings of
+    k_tu (l_tu + l_vw - 2 l_tv). O(n^4 * 24): tiny n only."""
+    import itertools
+
+    n = len(K)
+    total = 0.0
+    for quad in itertools.permutations(range(n), 4):
+        h = 0.0
+        for t, u, v, w in itertools.permutations(quad):
+            h += K[t][u] * (L[t][u] + L[v][w] - 2 * L[t][v])
+        total += h / 24
+    count = n * (n - 1) * (n - 2) * (n - 3)
+    return total / count
+
+
+def ref_linear_cka(X, Y):
+    """Linear CKA from explicit Gram matrices (float64) and ``ref_hsic_unbiased``."""
+    X, Y = X.double(), Y.double()
+    K, L = (X @ X.T).tolist(), (Y @ Y.T).tolist()
+    return ref_hsic_unbiased(K, L) / math.sqrt(ref_hsic_unbiased(K, K) * ref_hsic_unbiased(L, L))
+
+
+def ref_distinct_ngrams(docs, n, lookup=None):
+    """Distinct n-grams (tuples of ids, mapped through lookup) inside documents, and their occurrences."""
+    seen, total = set(), 0
+    for doc in docs:
+        d = [int(lookup[t]) if lookup is not None else int(t) for t in doc]
+        for i in range(len(d) - n + 1):
+            seen.add(tuple(d[i : i + n]))
+            total += 1
+    return len(seen), total
+
+
+def ref_factual_contexts(docs, context, min_count, min_share, max_last_share):
+    """The factual-probe selection before decoding filters: {context tuple: (answer, support)}, with plain
+    dictionaries over every (context, next) pair inside documents."""
+    from collections import Counter
+
+    pairs, bigrams, followed = Counter(), Counter(), Counter()
+    for doc in docs:
+        d = [int(t) for t in doc]
+        for i in range(len(d) - context):
+            pairs[(tuple(d[i : i + context]), d[i + context])] += 1
+        for i in range(len(d) - 1):
+            bigrams[(d[i], d[i + 1])] += 1
+            followed[d[i]] += 1
+    by_ctx = {}
+    for (ctx, a), c in pairs.items():
+        by_ctx.setdefault(ctx, []).append((c, a))
+    out = {}
+    for ctx, lst in by_ctx.items():
+        total = sum(c for c, _ in lst)
+        best_c, best_a = max(lst, key=lambda ca: (ca[0], -ca[1]))  # most frequent, then lowest id
+        if total < min_count or best_c < min_share * total:
+            continue
+        if bigrams[(ctx[-1], best_a)] >= max_last_share * followed[ctx[-1]]:
+            continue
+        out[ctx] = (best_a, total)
+    return out

@@ -38,7 +38,9 @@ def run_line(line: str, cwd: Path, cache: Path, timeout: int = 600) -> str:
 
 def test_every_subcommand_has_a_readme_example():
     subs = {shlex.split(line)[1] for line in readme_examples()}
-    assert subs == {"hash", "data", "train", "eval", "generate", "gates", "tables", "bench", "demo", "plan"}
+    assert subs == {"hash", "data", "train", "eval", "generate", "gates", "tables", "analyze", "bench", "demo", "plan"}
+    analyses = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "analyze"}
+    assert analyses == {"gates", "logit-lens", "cka", "ablate"}
     benches = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "bench"}
     assert benches == {"hashing", "lookup", "step", "train", "storage", "cache"}
 
@@ -66,6 +68,12 @@ def test_readme_examples_run(mini_cache, tmp_path):
     assert (tmp_path / "runs" / "bench" / "cache_hit_rates.png").read_bytes()[:4] == b"\x89PNG"
     planned = next(v for k, v in outputs.items() if k.startswith("engram plan"))
     assert "distinct rows per token" in planned and "fits in 80 GiB per rank" in planned
+    analysis = tmp_path / "runs" / "analysis"
+    for name in ("gates.png", "gates.html", "gates.json", "logit_lens.png", "logit_lens.json", "cka.png", "cka.json",
+                 "ablation.md", "ablation.json"):
+        assert (analysis / name).is_file(), name
+    assert json.loads((analysis / "logit_lens.json").read_text())["debug"]["kl"][-1] == 0.0
+    assert "| factual (training-data phrases) |" in (analysis / "ablation.md").read_text()
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@
     engram tables    a run's tables as row files: export, info, verify, check
     engram demo      the end-to-end demo (baseline MoE vs Engram-MoE)
     engram plan      per-rank memory and all-to-all traffic of a preset on N ranks
+    engram analyze   look inside trained runs (gates, LogitLens, CKA, Engram-off ablation)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import sys
 from typing import Sequence
 
-from engram.analysis.commands import add_gates_parser
+from engram.analysis.commands import add_analyze_parser, add_gates_parser
 from engram.argtypes import POS_INT
 from engram.bench.commands import add_bench_parser
 from engram.data.commands import add_data_parser
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tables_parser(sub)
     add_gates_parser(sub)
     add_plan_parser(sub)
+    add_analyze_parser(sub)
 
     d = sub.add_parser("demo", help="train tiny MoE and tiny Engram-MoE side by side on `mini` and compare")
     d.add_argument("--out", default="runs/demo")

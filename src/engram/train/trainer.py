@@ -102,9 +102,11 @@ def run_config(model_cfg: ModelConfig, tcfg: TrainConfig, tok) -> dict[str, Any]
     return {"model": to_dict(model_cfg), "train": to_dict(tcfg), "tokenizer": tokenizer_fingerprint(tok)}
 
 
-# what may differ between a run and its resumption: its length, cadences, and where files live (the
-# tokenizer is compared by content, its fingerprint, not by the path it was given at)
-_RESUMABLE_CHANGES = ("steps", "eval_every", "ckpt_every", "keep_checkpoints", "tokenizer", "loader_timeout")
+# what may differ between a run and its resumption: its length, cadences, where files live (the tokenizer
+# is compared by content, its fingerprint, not by the path it was given at), and the compute dtype, which
+# depends on the machine ("auto"; a run started in bf16 may continue in fp32 elsewhere: its state is fp32
+# either way, only bit-exactness across the switch is lost)
+_RESUMABLE_CHANGES = ("steps", "eval_every", "ckpt_every", "keep_checkpoints", "tokenizer", "loader_timeout", "dtype")
 
 
 def _resume_key(cfg: dict[str, Any]) -> dict[str, Any]:
