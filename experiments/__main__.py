@@ -40,6 +40,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         if name == "run":
             s.add_argument("--dry-run", action="store_true", help="list what would be trained")
             s.add_argument("--progress", action="store_true", help="a progress bar per run")
+            s.add_argument("--max-runs", type=int, help="train at most this many missing runs, then report")
     args = p.parse_args(argv)
     if args.quick:
         args.size = "quick"
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return _list(args)
         if args.command == "run":
             res = run_experiment(args.experiment, args.size, args.seeds, args.tokens, args.dtype, args.results,
-                                 args.runs, args.cache_dir, args.dry_run, args.progress)
+                                 args.runs, args.cache_dir, args.dry_run, args.progress, max_runs=args.max_runs)
             print(f"{args.experiment}: trained {len(res['trained'])}, skipped {len(res['skipped'])} "
                   f"of {len(res['planned'])} runs")
             if args.dry_run:

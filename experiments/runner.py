@@ -238,8 +238,10 @@ def run_experiment(
     dry_run: bool = False,
     progress: bool = False,
     out: TextIO = sys.stdout,
+    max_runs: int | None = None,
 ) -> dict:
-    """Run every missing (variant, seed) of ``experiment``; returns what was trained and skipped."""
+    """Run every missing (variant, seed) of ``experiment`` (at most ``max_runs`` of them, so a long
+    experiment can be finished in pieces); returns what was trained and skipped."""
     results, runs = Path(results), Path(runs)
     plans, left_out = plan_experiment(experiment, size, seeds, tokens, dtype)
     for note in left_out:
@@ -251,6 +253,8 @@ def run_experiment(
             skipped.append(p.name)
             print(f"{head}: summary exists, skipped", file=out)
             continue
+        if max_runs is not None and len(trained) >= max_runs:
+            break
         tokens_run = p.train.steps * p.train.batch_size * p.train.seq_len
         if dry_run:
             print(f"{head}: would train {p.train.steps} steps ({tokens_run / 1e6:.2f} M tokens, {p.train.dtype})", file=out)
