@@ -42,7 +42,7 @@ def test_every_subcommand_has_a_readme_example():
     analyses = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "analyze"}
     assert analyses == {"gates", "logit-lens", "cka", "ablate"}
     benches = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "bench"}
-    assert benches == {"hashing", "lookup", "step", "train", "storage", "cache"}
+    assert benches == {"hashing", "lookup", "step", "train", "storage", "cache", "generate", "offload"}
 
 
 @pytest.mark.slow
