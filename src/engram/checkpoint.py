@@ -35,12 +35,21 @@ Guarantees:
 
 Tied weights (one tensor under two state-dict keys) are stored once and re-aliased on load.
 
+Sharded tables (engram.dist): with ``comm``, every rank writes the row ranges it holds into the one temp
+directory rank 0 made; the ranks then exchange what they wrote (a barrier that carries any rank's write
+failure to every rank, each of which raises), and rank 0 alone writes the manifest (every rank's ranges
+and file hashes) and renames. On load each process reads the rows of its own range from whichever files
+cover them, so a checkpoint saved at one world size loads at any other; the ranges of every table must
+tile its rows exactly (an incomplete shard set is refused by every rank alike), and each process checks
+the sha256 of the files it reads.
+
 Format versions: 2 (row-range table files, above); 1 (every table in ``tables.safetensors`` and its state
 inside optimizer.pt) still loads.
 """
 
 from __future__ import annotations
 
+import errno as errno_mod
 import json
 import os
 import random
@@ -207,20 +216,22 @@ def range_file_name(table: str, start: int, stop: int) -> str:
     return f"table.{table}.rows-{start}-{stop}.safetensors"
 
 
-def _row_range_payload(table: Any, optimizer: Any | None, start: int, stop: int):
-    """A writer of rows [start, stop) and the optimizer's row state for them (moments stay beside rows)."""
+def _row_range_payload(table: Any, optimizer: Any | None):
+    """A writer of the rows ``table.weight`` holds (rows ``table.row_range`` of the whole table: all of
+    them, or a shard's) and the optimizer's row state for them (moments stay beside their rows)."""
     w = table.weight.detach()
-    tensors = {"weight": w[start:stop].cpu().contiguous()}
+    start, stop = table.row_range
+    tensors = {"weight": w.cpu().contiguous()}
     scalars: dict[str, Any] = {}
     state = optimizer.param_state(table.weight) if optimizer is not None and hasattr(optimizer, "param_state") else {}
     for k, v in state.items():
         if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == w.shape[0]:
-            tensors[k] = v[start:stop].cpu().contiguous()
+            tensors[k] = v.cpu().contiguous()
         elif isinstance(v, torch.Tensor):
             scalars[k] = v.item()
         else:
             scalars[k] = v
-    meta = {"table": table.layout.name, "start": str(start), "stop": str(stop), "rows": str(w.shape[0]),
+    meta = {"table": table.layout.name, "start": str(start), "stop": str(stop), "rows": str(table.num_rows),
             "optimizer_scalars": json.dumps(scalars), "layout": json.dumps(table.layout.to_dict(), sort_keys=True)}
     return lambda: safetensors.torch.save(tensors, metadata=meta)
 
@@ -261,6 +272,22 @@ def _optimizer_state(optimizer: Any, table_params: list) -> Any:
     return optimizer.state_dict()
 
 
+class _Solo:
+    """The collectives of a single process (``comm`` of ``save_checkpoint``): trivial."""
+
+    rank, world_size = 0, 1
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+
+class _SaveFailed(Exception):
+    """A failure of one rank's part of a save, carried to the others: (errno, message)."""
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -271,6 +298,7 @@ def save_checkpoint(
     *,
     extra_files: Mapping[str, bytes | os.PathLike | Mapping[str, Any]] | None = None,
     keep_last: int | None = 3,
+    comm: Any | None = None,
 ) -> Path:
     """Write ``<root>/step_<step>`` atomically, point ``latest`` at it, prune to ``keep_last``; return it.
 
@@ -278,11 +306,19 @@ def save_checkpoint(
     and ``config`` must be JSON-serialisable. ``extra_files`` maps a plain file name to bytes, a path to
     copy, or a dict written as JSON. Tables (``model.memory_tables()``) go into row-range files with
     their optimizer state. The model's hash layout (if it has one) is recorded from the model.
+
+    ``comm`` (an ``engram.dist.Runtime``; None: this process alone) makes the save collective: every rank
+    calls it, writes the row ranges of the table shards it holds into one temporary directory that rank 0
+    made, the ranks exchange what they wrote (a barrier that also carries any rank's failure to all),
+    then rank 0 alone writes the manifest and renames the directory into place. Every rank raises if any
+    rank failed; rank 0 writes the backbone, optimizer, RNG and extra files.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    comm = comm if comm is not None else _Solo()
+    main = comm.rank == 0
     root = Path(root)
     extra_files = dict(extra_files or {})
     for name in extra_files:
@@ -292,61 +328,151 @@ def save_checkpoint(
     config_bytes = _json_bytes(dict(config), "config")
     trainer_bytes = _json_bytes({"step": int(step), "trainer": dict(trainer_state or {})}, "trainer_state")
     tables = _tables(model)
-    backbone, aliases = _split_state(model, {key for key, _ in tables.values()})
-    table_params = [t.weight for _, t in tables.values()]
-    fingerprint, layout = model_fingerprint(model), _model_layout(model)
-    if layout is not None:
-        extra_files[HASH_LAYOUT_FILE] = layout
-
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
+    payloads, table_files = _table_payloads(tables, optimizer)
+    aliases: dict[str, str] = {}
+    if main:  # the order of files is that of format 1, which fault-injection tests count on
+        head, tail, aliases = _main_payloads(model, optimizer, tables, config_bytes, trainer_bytes, extra_files)
+        payloads = head + payloads + tail
     name = checkpoint_name(step)
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    current = MODEL_FILE
+    tmp = _make_temp(root, name, comm)
+    files, table_files = _write_parts(tmp, payloads, table_files, final, root, comm)
+    err: BaseException | None = None
+    if main:
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": int(step),
+            "fingerprint": model_fingerprint(model),
+            "tables": table_files,
+            "aliases": aliases,
+            "extra_files": sorted(set(extra_files) | ({HASH_LAYOUT_FILE} if _model_layout(model) is not None else set())),
+            "files": files,
+            "created_unix": time.time(),
+        }
+        if comm.world_size > 1:
+            manifest["world_size"] = comm.world_size
+        try:
+            _publish(root, tmp, final, manifest, keep_last)
+        except BaseException as e:  # noqa: BLE001 - told to the other ranks, then re-raised
+            err = e
+    status = comm.broadcast_object(None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None:
+        raise err
+    if status is not None:
+        raise OSError(errno_mod.EIO, f"saving checkpoint {final} failed on rank 0: {status}")
+    return final
+
+
+def _table_payloads(tables: dict[str, tuple[str, Any]], optimizer: Any | None):
+    """This rank's row-range files: [(file name, writer)] and the manifest entry of each table."""
+    payloads, entries = [], {}
+    for tname, (key, table) in tables.items():
+        start, stop = table.row_range
+        fname = range_file_name(tname, start, stop)
+        entries[tname] = {"key": key, "rows": table.num_rows, "ranges": [[start, stop, fname]],
+                          "layout": table.layout.to_dict()}
+        payloads.append((fname, _row_range_payload(table, optimizer)))
+    return payloads, entries
+
+
+def _main_payloads(model, optimizer, tables, config_bytes: bytes, trainer_bytes: bytes, extra_files: dict[str, Any]):
+    """What rank 0 writes besides its table rows: (config, trainer state, backbone, RNG), (optimizer,
+    extras), and the tied-weight aliases."""
+    backbone, aliases = _split_state(model, {key for key, _ in tables.values()})
+    table_params = [t.weight for _, t in tables.values()]
+    meta = {"format": "pt", "engram_aliases": json.dumps(aliases, sort_keys=True)}
+    head: list[tuple[str, Any]] = [
+        (CONFIG_FILE, config_bytes),
+        (TRAINER_FILE, trainer_bytes),
+        (MODEL_FILE, lambda: safetensors.torch.save(backbone, metadata=meta)),
+        (RNG_FILE, lambda: (lambda f: torch.save(_rng_state(), f))),
+    ]
+    payloads: list[tuple[str, Any]] = []
+    if optimizer is not None:
+        payloads.append((OPTIM_FILE, lambda: (lambda f: torch.save(_optimizer_state(optimizer, table_params), f))))
+    layout = _model_layout(model)
+    extras = dict(extra_files)
+    if layout is not None:
+        extras[HASH_LAYOUT_FILE] = layout
+    for fname, value in extras.items():
+        if isinstance(value, (bytes, bytearray)):
+            payloads.append((fname, bytes(value)))
+        elif isinstance(value, Mapping):
+            payloads.append((fname, _json_bytes(dict(value), f"extra file {fname}")))
+        elif isinstance(value, os.PathLike):
+            payloads.append((fname, Path(value).read_bytes()))
+        else:
+            raise TypeError(f"extra file {fname!r}: give bytes, a path or a dict, not {type(value).__name__}")
+    return head, payloads, aliases
+
+
+def _make_temp(root: Path, name: str, comm: Any) -> Path:
+    """Rank 0 makes ``<root>/.tmp-<name>-<pid>-<rand>`` (after removing dead writers' ones); all get its path."""
+    tmp, err = None, None
+    if comm.rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(root)
+            tmp = root / f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
+            tmp.mkdir()
+        except OSError as e:
+            err = e
+    got = comm.broadcast_object(str(tmp) if err is None else f"!{err}")
+    if err is not None:
+        raise err
+    if got.startswith("!"):
+        raise OSError(errno_mod.EIO, f"saving checkpoint {root / name} failed on rank 0: {got[1:]}")
+    return Path(got)
+
+
+def _write_parts(tmp: Path, payloads, table_files: dict, final: Path, root: Path, comm: Any):
+    """Every rank writes its payloads into ``tmp``; then all exchange (files written, table ranges) or
+    the failure of any rank, so every rank raises on a failure anywhere. Returns the merged
+    ({file: size and sha256}, {table: manifest entry with every rank's ranges})."""
+    files: dict[str, Any] = {}
+    current, failure = MODEL_FILE, None
     try:
-        meta = {"format": "pt", "engram_aliases": json.dumps(aliases, sort_keys=True)}
-        payloads: list[tuple[str, Any]] = [
-            (CONFIG_FILE, config_bytes),
-            (TRAINER_FILE, trainer_bytes),
-            (MODEL_FILE, lambda: safetensors.torch.save(backbone, metadata=meta)),
-            (RNG_FILE, lambda: (lambda f: torch.save(_rng_state(), f))),
-        ]
-        table_files = {}
-        for tname, (key, table) in tables.items():
-            fname = range_file_name(tname, 0, table.num_rows)
-            table_files[tname] = {"key": key, "rows": table.num_rows, "ranges": [[0, table.num_rows, fname]],
-                                  "layout": table.layout.to_dict()}
-            payloads.append((fname, _row_range_payload(table, optimizer, 0, table.num_rows)))
-        if optimizer is not None:
-            payloads.append((OPTIM_FILE, lambda: (lambda f: torch.save(_optimizer_state(optimizer, table_params), f))))
-        for fname, value in extra_files.items():
-            if isinstance(value, (bytes, bytearray)):
-                payloads.append((fname, bytes(value)))
-            elif isinstance(value, Mapping):
-                payloads.append((fname, _json_bytes(dict(value), f"extra file {fname}")))
-            elif isinstance(value, os.PathLike):
-                payloads.append((fname, Path(value).read_bytes()))
-            else:
-                raise TypeError(f"extra file {fname!r}: give bytes, a path or a dict, not {type(value).__name__}")
-        files = {}
         for fname, data in payloads:
             current = fname
             eio.write_synced(tmp / fname, data() if callable(data) else data)
             files[fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": eio.sha256_file(tmp / fname)}
             eio.fault_point(f"checkpoint.file:{fname}")
-        current = MANIFEST_FILE
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "step": int(step),
-            "fingerprint": fingerprint,
-            "tables": table_files,
-            "aliases": aliases,
-            "extra_files": sorted(extra_files),
-            "files": files,
-            "created_unix": time.time(),
-        }
+    except OSError as e:
+        failure = e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    mine = (files, table_files) if failure is None else (failure.errno, f"{current}: {failure.strerror or failure}")
+    parts = comm.all_gather_object(mine)
+    bad = [(r, p) for r, p in enumerate(parts) if not isinstance(p[0], dict)]
+    if bad:
+        if comm.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None:
+            raise OSError(failure.errno, f"saving checkpoint {final} failed at {current}: {failure.strerror or failure}; "
+                          f"earlier checkpoints in {root} are untouched") from failure
+        r, (code, what) = bad[0]
+        raise OSError(code, f"saving checkpoint {final} failed on rank {r} at {what}; earlier checkpoints in {root} "
+                      "are untouched")
+    merged_files: dict[str, Any] = {}
+    merged_tables: dict[str, Any] = {}
+    for f, t in parts:
+        merged_files.update(f)
+        for tname, entry in t.items():
+            if tname in merged_tables:
+                merged_tables[tname]["ranges"] += entry["ranges"]
+            else:
+                merged_tables[tname] = {**entry, "ranges": list(entry["ranges"])}
+    for entry in merged_tables.values():
+        entry["ranges"].sort()
+    return merged_files, merged_tables
+
+
+def _publish(root: Path, tmp: Path, final: Path, manifest: dict[str, Any], keep_last: int | None) -> None:
+    """Rank 0: manifest, then the atomic rename into place, ``latest``, pruning."""
+    name = final.name
+    current = MANIFEST_FILE
+    try:
         eio.write_synced(tmp / MANIFEST_FILE, _json_bytes(manifest, "manifest"))
         eio.fsync_dir(tmp)
         current = "(rename into place)"
@@ -374,7 +500,6 @@ def save_checkpoint(
         for d in list_checkpoints(root)[:-keep_last]:
             if d != final:
                 shutil.rmtree(d, ignore_errors=True)
-    return final
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -463,11 +588,40 @@ def _load_tables(path: Path, manifest: Mapping[str, Any], model: nn.Module):
             table.layout.check_same_rows(TableLayout.from_dict(saved[name]["layout"]), f"checkpoint {path}")
         except TableLayoutError as e:
             raise CheckpointError(str(e)) from None
-        rows, scalars = read_table_rows(path, saved[name], 0, table.num_rows)
+        _check_ranges(path, name, saved[name], table.num_rows)
+        rows, scalars = read_table_rows(path, saved[name], *table.row_range)
         tensors[key] = rows.pop("weight")
         if rows or scalars:
             states.append((table.weight, {**scalars, **rows}))
     return tensors, states
+
+
+def _check_ranges(path: Path, name: str, entry: Mapping[str, Any], num_rows: int) -> None:
+    """A table's row-range files must tile [0, rows) exactly, whichever part this process reads: an
+    incomplete set of shards (a rank's file lost) is refused by every rank alike."""
+    at = 0
+    for a, b, fname in sorted((int(a), int(b), f) for a, b, f in entry["ranges"]):
+        if a != at:
+            what = f"rows [{at}, {a}) are in no file" if a > at else f"rows [{a}, {min(at, b)}) are in two files"
+            raise CheckpointError(f"checkpoint {path}: incomplete or inconsistent shard set for table {name!r}: {what}")
+        at = b
+    if at != num_rows:
+        raise CheckpointError(f"checkpoint {path}: incomplete shard set for table {name!r}: rows [{at}, {num_rows}) "
+                              "are in no file")
+
+
+def _files_read_here(manifest: Mapping[str, Any], model: nn.Module) -> set[str]:
+    """The checkpoint files this process reads: all but the row-range files outside its tables' ranges."""
+    files = set(manifest.get("files", {}))
+    if manifest.get("format_version") != 2:
+        return files
+    for name, (_, table) in _table_modules(model).items():
+        entry = manifest.get("tables", {}).get(name)
+        if entry is None or not table.trainable:
+            continue
+        lo, hi = table.row_range
+        files -= {f for a, b, f in entry["ranges"] if int(b) <= lo or int(a) >= hi}
+    return files
 
 
 def read_table_rows(path: Path, entry: Mapping[str, Any], start: int, stop: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -522,8 +676,10 @@ def load_checkpoint(
             f"{path}: checkpoint format {manifest.get('format_version')}; this engram reads {READABLE_VERSIONS}"
         )
 
-    # 1. files: plain names, present, full length, unchanged
+    # 1. files: plain names, present, full length, unchanged (the sha256 of those this process reads: a
+    #    shard of a sharded model skips the other shards' rows)
     _check_manifest_names(path, manifest)
+    read_here = _files_read_here(manifest, model)
     for fname, info in manifest["files"].items():
         fpath = path / fname
         if not fpath.is_file():
@@ -533,7 +689,7 @@ def load_checkpoint(
             raise CheckpointError(
                 f"checkpoint file {fpath} is truncated or altered: {size} bytes, manifest says {info['bytes']}"
             )
-        if verify and eio.sha256_file(fpath) != info["sha256"]:
+        if verify and fname in read_here and eio.sha256_file(fpath) != info["sha256"]:
             raise CheckpointError(f"checkpoint file {fpath} is corrupt: sha256 does not match the manifest")
 
     # 2. same run: config and hash layout

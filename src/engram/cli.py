@@ -155,12 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tune_malloc()
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # what a launcher passes on to its workers
     from engram.data.fetch import CorpusUnavailable
+    from engram.dist.runtime import CollectiveError
     from engram.io import RunLockedError
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, TimeoutError, FloatingPointError, RunLockedError, CorpusUnavailable) as e:
+    except (ValueError, OSError, TimeoutError, FloatingPointError, RunLockedError, CorpusUnavailable,
+            CollectiveError) as e:
         # the user's mistake or the machine's state: one clear line, no traceback (bugs still trace)
         print(f"engram {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -216,7 +216,11 @@ class TrainConfig:
     backbone_optimizer: Literal["adamw", "muon"] = "adamw"
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_steps: int = 20
-    grad_clip: float = 1.0  # on the dense (backbone) gradient norm; 0 disables
+    grad_clip: float = 1.0  # max norm of each clipped gradient group (see grad_clip_groups); 0 disables
+    # "per_group": the backbone and the tables each clipped by their own norm (a global norm including the
+    # sparse table rows would shrink backbone steps, and differently with than without tables);
+    # "global": one norm over both; "backbone": tables unclipped (runs saved before this field existed)
+    grad_clip_groups: Literal["per_group", "global", "backbone"] = "per_group"
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # "auto": bf16 where the hardware makes it fast
     eval_every: int = 100
     eval_batches: int = 16
@@ -243,6 +247,8 @@ class TrainConfig:
         _check(self.dtype in ("auto", "bf16", "fp32"), f"TrainConfig.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         _check(self.schedule in ("cosine", "step", "constant"), f"TrainConfig.schedule: unknown {self.schedule!r}")
         _check(self.backbone_optimizer in ("adamw", "muon"), f"TrainConfig.backbone_optimizer: unknown {self.backbone_optimizer!r}")
+        _check(self.grad_clip_groups in ("per_group", "global", "backbone"),
+               f"TrainConfig.grad_clip_groups must be per_group, global or backbone, got {self.grad_clip_groups!r}")
 
 
 # ---------------------------------------------------------------------------------------------- JSON

@@ -196,15 +196,32 @@ class _Prefetcher:
 # ------------------------------------------------------------------------------------------------- loaders
 
 
+def _check_shard(batch_size: int, shard: tuple[int, int]) -> None:
+    rank, world = shard
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"loader shard: rank {rank} outside world size {world}")
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} (sequences per step, all ranks together) is not divisible by "
+                         f"the world size {world}")
+
+
+def _rank_slice(windows: np.ndarray, shard: tuple[int, int]) -> np.ndarray:
+    """Rank r's consecutive 1/world part of a batch's windows (all of them for one process)."""
+    rank, world = shard
+    b = len(windows) // world
+    return windows[rank * b : (rank + 1) * b] if world > 1 else windows
+
+
 class _TrainOrder:
     """Which windows make batch ``step``: separate from TrainLoader so the loader thread holds no
     reference to the loader (dropping the loader then stops the thread)."""
 
     def __init__(
-        self, data: TokenDataset, batch_size: int, seq_len: int, seed: int, hash_fn: HashFn | None, pin_memory: bool
+        self, data: TokenDataset, batch_size: int, seq_len: int, seed: int, hash_fn: HashFn | None, pin_memory: bool,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.data, self.batch_size, self.seq_len, self.seed, self.hash_fn = data, batch_size, seq_len, seed, hash_fn
-        self.pin_memory = pin_memory
+        self.pin_memory, self.shard = pin_memory, shard
         self.batches_per_epoch = Packing(data, np.arange(data.n_docs), seq_len).n_windows // batch_size
         self._cache: tuple[int, Packing, np.ndarray] | None = None  # the current epoch's packing and window order
 
@@ -221,7 +238,7 @@ class _TrainOrder:
         epoch, k = divmod(step, self.batches_per_epoch)
         packing, window_order = self.epoch(epoch)
         B = self.batch_size
-        return packing.batch(window_order[k * B : (k + 1) * B], self.hash_fn, self.pin_memory)
+        return packing.batch(_rank_slice(window_order[k * B : (k + 1) * B], self.shard), self.hash_fn, self.pin_memory)
 
 
 class TrainLoader:
@@ -238,15 +255,19 @@ class TrainLoader:
         prefetch: int = 2,
         pin_memory: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        """``shard`` (rank, world size): this process yields its 1/world part of every batch of
+        ``batch_size`` sequences (the global batch, the same whatever the world size)."""
         self._prefetcher: _Prefetcher | None = None
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _check_shard(batch_size, shard)
         if not timeout > 0:
             raise ValueError(f"loader timeout must be positive, got {timeout}")
         self.data, self.batch_size, self.seq_len, self.seed, self.prefetch = data, batch_size, seq_len, seed, prefetch
         self.timeout = timeout
-        self._order = _TrainOrder(data, batch_size, seq_len, seed, hash_fn, pin_memory)
+        self._order = _TrainOrder(data, batch_size, seq_len, seed, hash_fn, pin_memory, shard)
         self.batches_per_epoch = self._order.batches_per_epoch
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -341,10 +362,14 @@ class EvalLoader:
         pin_memory: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
         source: str | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
-        """``source`` names the data in errors (default: the dataset's directory)."""
+        """``source`` names the data in errors (default: the dataset's directory); ``shard`` as for
+        ``TrainLoader``."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _check_shard(batch_size, shard)
+        self.shard = shard
         if n_batches is not None and n_batches < 1:
             raise ValueError(f"the number of evaluation batches must be >= 1, got {n_batches}")
         self.packing = Packing(data, np.random.default_rng(EVAL_SEED).permutation(data.n_docs), seq_len)
@@ -360,7 +385,7 @@ class EvalLoader:
 
     def make_batch(self, k: int) -> Batch:
         B = self.batch_size
-        return self.packing.batch(np.arange(k * B, (k + 1) * B), self.hash_fn, self.pin_memory)
+        return self.packing.batch(_rank_slice(np.arange(k * B, (k + 1) * B), self.shard), self.hash_fn, self.pin_memory)
 
     def __len__(self) -> int:
         return self.n_batches

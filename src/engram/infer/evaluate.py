@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -21,9 +21,14 @@ from engram.runtime import autocast
 
 
 @torch.no_grad()
-def evaluate(model: EngramLM, loader: Iterable[Batch], dtype: str = "auto") -> dict[str, float]:
+def evaluate(model: EngramLM, loader: Iterable[Batch], dtype: str = "auto",
+             sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Mean next-token loss (nats) over the loader's tokens, and perplexity. Batches without any target
-    (all masked) contribute nothing and are counted in ``empty_batches``."""
+    (all masked) contribute nothing and are counted in ``empty_batches``.
+
+    ``sum_over_ranks`` (a distributed run, each rank evaluating its part of every batch) sums the totals
+    over ranks; every rank then runs every batch, even one without targets, since a forward through
+    sharded tables is a collective."""
     was_training = model.training
     model.eval()
     device = model.tok_emb.weight.device
@@ -33,13 +38,17 @@ def evaluate(model: EngramLM, loader: Iterable[Batch], dtype: str = "auto") -> d
         k = int((batch.targets != -100).sum())
         if k == 0:
             empty += 1
-            continue
+            if sum_over_ranks is None:
+                continue
         batch = batch.to(device)
         with autocast(dtype, device):
             out = model(batch.ids, batch.segment_ids, batch.hash_ids, batch.targets, return_logits=False)
         total += float(out.ce_loss) * k
         n += k
     model.train(was_training)
+    if sum_over_ranks is not None:
+        sums = sum_over_ranks(torch.tensor([total, n, empty], dtype=torch.float64, device=device)).tolist()
+        total, n, empty = sums[0], int(sums[1]), int(sums[2])
     if n == 0:
         raise ValueError(f"nothing to evaluate: all {batches} batches have only masked targets")
     loss = total / n

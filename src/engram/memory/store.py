@@ -57,10 +57,19 @@ class RowStore:
 
     tier: str = ""
     trainable: bool = False
+    moves_with_module: bool = False  # the rows follow ``module.to(device)`` (``rebind`` gets the moved parameter)
 
     def __init__(self, layout: TableLayout) -> None:
         self.layout = layout
         self.stats = StoreStats()
+
+    @property
+    def row_range(self) -> tuple[int, int]:
+        """The rows [start, stop) of the whole table this store holds (all of them, except a shard's)."""
+        return 0, self.layout.num_rows
+
+    def rebind(self, weight: torch.nn.Parameter) -> None:
+        """Point the store at the table's parameter after a module conversion moved it."""
 
     def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -93,6 +102,13 @@ class TensorStore(RowStore):
             raise ValueError(f"TensorStore tier must be 'device' or 'host', got {tier!r}")
         self.tier, self.weight = tier, weight
         self._staging: torch.Tensor | None = None
+
+    @property
+    def moves_with_module(self) -> bool:  # type: ignore[override]
+        return self.tier == "device"
+
+    def rebind(self, weight: torch.nn.Parameter) -> None:
+        self.weight = weight
 
     def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:
         w = self.weight.detach()

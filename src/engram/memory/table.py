@@ -81,6 +81,11 @@ class EngramTable(nn.Module):
     def trainable(self) -> bool:
         return self.store.trainable
 
+    @property
+    def row_range(self) -> tuple[int, int]:
+        """Rows [start, stop) of the whole table that ``weight`` holds (a shard's range when sharded)."""
+        return self.store.row_range
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Rows ~ N(0, init_std^2)."""
@@ -149,10 +154,10 @@ class EngramTable(nn.Module):
         return self
 
     def _apply(self, fn: Callable, recurse: bool = True):
-        """``model.to(device)`` moves a device-tier table; host rows stay in CPU RAM, disk rows on disk."""
-        if self.tier == "device":
+        """``model.to(device)`` moves a device-tier (or sharded) table; host rows stay in CPU RAM, disk rows on disk."""
+        if self.store.moves_with_module:  # device rows, or a shard of a distributed table
             out = super()._apply(fn, recurse)
-            self.store = TensorStore(self.layout, self._parameters["weight"], "device")
+            self.store.rebind(self._parameters["weight"])
             return out
         held = self._parameters.pop("weight", None)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import TextIO
 
@@ -36,6 +37,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=["cosine", "step", "constant"])
     p.add_argument("--warmup-steps", dest="warmup_steps", type=NONNEG_INT)
     p.add_argument("--optimizer", dest="backbone_optimizer", choices=["adamw", "muon"])
+    p.add_argument("--grad-clip", dest="grad_clip", type=NONNEG_FLOAT,
+                   help=f"max gradient norm of each clipped group (default {d.grad_clip:g}; 0: no clipping)")
+    p.add_argument("--grad-clip-groups", dest="grad_clip_groups", choices=["per_group", "global", "backbone"],
+                   help="per_group (default): backbone and tables each by its own norm; global: one norm over "
+                        "both; backbone: tables unclipped")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
                    help="compute dtype (default auto: bf16 where the CPU/GPU runs it fast, else fp32)")
     p.add_argument("--eval-every", dest="eval_every", type=POS_INT)
@@ -48,11 +54,36 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_dist_options(p: argparse.ArgumentParser) -> None:
+    from engram.dist.runtime import DEFAULT_TIMEOUT_S
+
+    p.add_argument("--nproc", type=POS_INT, default=1,
+                   help="processes on this machine (launched through torchrun; tables sharded across them, the "
+                        "backbone data-parallel; --batch-size is the global batch). Several nodes: run "
+                        "`torchrun ... -m engram.cli train ...` yourself (docs/scaleout.md)")
+    p.add_argument("--dist-timeout", dest="dist_timeout", type=POS_FLOAT, default=DEFAULT_TIMEOUT_S,
+                   help=f"seconds before a collective gives up on a dead or stalled rank (default {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU if there is one, else the CPU)")
+
+
 def cmd_train(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: start the workers, wait for them
+        from engram.dist.launch import launch
+
+        return launch(args.nproc, getattr(args, "argv", None) or sys.argv[1:])
+    from engram.dist import Runtime
     from engram.train.trainer import train
 
-    res = train(preset(args.preset), _train_config(args), args.out, resume=args.resume, cache_dir=args.cache_dir,
-                progress=not args.no_progress, label=args.preset)
+    rt = Runtime.from_env(timeout_s=args.dist_timeout, device=args.device)
+    ok = False
+    try:
+        res = train(preset(args.preset), _train_config(args), args.out, resume=args.resume, cache_dir=args.cache_dir,
+                    progress=not args.no_progress, label=args.preset, runtime=rt)
+        ok = True
+    finally:
+        rt.close(barrier=ok)  # after a failure another rank may be gone: leave without waiting for it
+    if not rt.is_main:
+        return 0
     c = res.model.param_counts()
     val = f"{res.final_val['loss']:.4f} (ppl {res.final_val['ppl']:.1f})" if res.final_val else "-"
     print(f"trained {args.preset} to step {res.step}: val loss {val}, {res.tokens_per_s:,.0f} tokens/s, "
@@ -70,4 +101,5 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="continue from the newest checkpoint in --out (an error if there is none); "
                         "`--resume auto` starts fresh when there is none")
     _add_train_options(t)
+    _add_dist_options(t)
     t.set_defaults(func=cmd_train)

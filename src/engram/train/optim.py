@@ -96,6 +96,71 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
     return total
 
 
+CLIP_MODES = ("per_group", "global", "backbone")
+
+
+def _coalesced_values(p: torch.Tensor) -> torch.Tensor:
+    """The gradient's values with duplicate rows summed (a sparse gradient is stored back coalesced)."""
+    if p.grad.is_sparse:
+        if not p.grad.is_coalesced():
+            rows, summed = coalesce_rows(p.grad)
+            p.grad = torch.sparse_coo_tensor(rows[None], summed, p.shape, is_coalesced=True, check_invariants=False)
+        return p.grad._values()
+    return p.grad
+
+
+@torch.no_grad()
+def clip_grad_groups_(
+    backbone: Iterable[torch.Tensor],
+    tables: Iterable[torch.Tensor],
+    max_norm: float,
+    mode: str = "per_group",
+    sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, float]:
+    """Clip the backbone's dense gradients and the tables' row-sparse ones; returns their norms before
+    clipping (backbone, tables). ``max_norm`` 0 only measures.
+
+    Modes: "per_group" scales each group by min(1, max_norm / its own norm): a table row's gradient no
+    longer shrinks backbone steps (a global norm would, and differently in an Engram run than in its MoE
+    baseline). "global" scales both by one norm over all of them. "backbone" clips the backbone alone and
+    leaves the tables to Adam's normalisation (the behaviour before groups existed).
+
+    The backbone norm is ``torch.nn.utils.clip_grad_norm_``'s over the dense gradients (after DDP they are
+    the same on every rank). The table norm counts each touched row once (duplicates summed), over all
+    shards: ``sum_over_shards`` sums this rank's squared norm over the ranks holding the other rows.
+    """
+    if mode not in CLIP_MODES:
+        raise ValueError(f"gradient clipping mode must be one of {CLIP_MODES}, got {mode!r}")
+    dense = [p for p in backbone if p.grad is not None and not p.grad.is_sparse]
+    rows = [_coalesced_values(p) for p in tables if p.grad is not None]
+    sq = torch.zeros((), dtype=torch.float32)
+    for g in rows:
+        sq += torch.linalg.vector_norm(g.float()).cpu() ** 2
+    if sum_over_shards is not None:
+        sq = sum_over_shards(sq)
+    table_norm = float(sq.sqrt())
+    if mode == "global":
+        bb = torch.nn.utils.get_total_norm([p.grad for p in dense]).cpu() if dense else torch.zeros(())
+        total = math.sqrt(float(bb) ** 2 + table_norm**2)
+        if max_norm > 0 and total > 0:
+            coef = min(1.0, max_norm / (total + 1e-6))
+            for g in [p.grad for p in dense] + rows:
+                g.mul_(coef)
+        return float(bb), table_norm
+    if not dense:
+        bb_norm = 0.0
+    elif max_norm > 0:
+        bb_norm = float(torch.nn.utils.clip_grad_norm_(dense, max_norm))
+    else:
+        bb_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in dense])))
+    if mode == "per_group" and max_norm > 0 and rows:
+        coef = min(1.0, max_norm / (table_norm + 1e-6))
+        if coef < 1.0:
+            for g in rows:
+                g.mul_(coef)
+    return bb_norm, table_norm
+
+
 class SparseRowAdam(torch.optim.Optimizer):
     """Lazy Adam for row-sparse gradients; only rows touched in a step are read and written.
 
@@ -480,6 +545,8 @@ __all__ = [
     "TABLE_GROUP",
     "coalesce_rows",
     "clip_grad_norm_",
+    "clip_grad_groups_",
+    "CLIP_MODES",
     "SparseRowAdam",
     "orthogonalize",
     "Muon",
