@@ -375,8 +375,12 @@ def test_config_saved_before_the_interop_fields_still_loads_and_resumes():
     e = cfg.engram
     assert (e.proj_bias, e.gate_norm_eps, e.conv_norm_eps, e.use_gate) == (False, 1e-6, 1e-6, True)
     assert diff_configs(with_defaults(ModelConfig, old["model"]), to_dict(cfg)) == []
-    now = {"model": to_dict(cfg), "train": to_dict(TrainConfig()), "tokenizer": "t"}
+    # that run clipped the backbone alone (grad_clip_groups did not exist): it resumes so, and only so
+    now = {"model": to_dict(cfg), "train": to_dict(TrainConfig(grad_clip_groups="backbone")), "tokenizer": "t"}
     assert diff_configs(_resume_key({**old, "tokenizer": "t"}), _resume_key(now)) == []
+    today = {**now, "train": to_dict(TrainConfig())}
+    assert diff_configs(_resume_key({**old, "tokenizer": "t"}), _resume_key(today)) == [
+        "train.grad_clip_groups: 'backbone' != 'per_group'"]
     changed = {**now, "model": to_dict(dataclasses.replace(cfg, engram=dataclasses.replace(e, use_gate=False)))}
     assert diff_configs(_resume_key({**old, "tokenizer": "t"}), _resume_key(changed)) == [
         "model.engram.use_gate: True != False"]
