@@ -28,7 +28,8 @@ def data_parallel(model: nn.Module, rt: Runtime) -> nn.Module:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, table_parameter_names(model))
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
     with rt.guard("wrapping the model in DDP (it checks that every rank has the same parameters)"):
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=rt.group, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=rt.group,
+                                       forward_sync_buffers=False)
 
 
 __all__ = ["data_parallel", "table_parameter_names"]
