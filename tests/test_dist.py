@@ -214,3 +214,16 @@ def test_a_killed_rank_fails_the_others_quickly_and_the_last_checkpoint_loads(mi
     res = train(preset("debug"), TrainConfig(**tcfg(mini_cache, steps=6)), run, cache_dir=mini_cache,
                 progress=False, resume=True)
     assert res.step == 6
+
+
+def test_bench_shard_quick(mini_cache):
+    from engram.bench import shard
+
+    res = shard.run(**shard.QUICK, cache_dir=str(mini_cache))
+    by = {(t["world"], t["ownership"]): t for t in res["traffic"]}
+    for t in by.values():  # deduplication can only shrink the traffic; both ownerships balance the rows
+        assert 0 < t["bytes_per_token_dedup"] < t["bytes_per_token_no_dedup"]
+        assert 1.0 <= t["served_max_over_mean"] < 1.5
+    assert [t["world"] for t in res["timing"]] == [1, 2]
+    assert res["timing"][0]["all_to_all_share"] == 0 and 0 < res["timing"][1]["all_to_all_share"] < 1
+    assert "bytes/token dedup" in res["table"] and "all-to-all share" in res["table"]

@@ -9,14 +9,14 @@ from typing import Callable
 
 def _benches() -> dict[str, tuple[Callable[..., dict], dict]]:
     """name -> (run function, its --quick keyword arguments). Imported when a benchmark runs, not at start-up."""
-    from engram.bench import cache, generate, hashing, lookup, offload, step, storage, train
+    from engram.bench import cache, generate, hashing, lookup, offload, shard, step, storage, train
 
     mods = {"hashing": hashing, "lookup": lookup, "step": step, "train": train, "storage": storage, "cache": cache,
-            "generate": generate, "offload": offload}
+            "generate": generate, "offload": offload, "shard": shard}
     return {name: (m.run, getattr(m, "QUICK", {})) for name, m in mods.items()}
 
 
-BENCHES = ("hashing", "lookup", "step", "train", "storage", "cache", "generate", "offload")
+BENCHES = ("hashing", "lookup", "step", "train", "storage", "cache", "generate", "offload", "shard")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ rank, D row width (Dh), R rows of the whole table.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,18 +88,23 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 
 
 class _AllToAllRows(torch.autograd.Function):
-    """Rows to their askers; backward returns the gradients (times ``grad_scale``) to the owners."""
+    """Rows to their askers; backward returns the gradients (times ``grad_scale``) to the owners and adds
+    its wall time to ``stats["exchange_s"]``."""
 
     @staticmethod
     def forward(ctx, x_MD: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any,
-                grad_scale: float) -> torch.Tensor:
+                grad_scale: float, stats: dict) -> torch.Tensor:
         ctx.out_splits, ctx.in_splits, ctx.group, ctx.grad_scale = out_splits, in_splits, group, grad_scale
+        ctx.stats = stats
         return all_to_all(x_MD, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, g_UD: torch.Tensor):
+        t0 = time.perf_counter()
         g = g_UD * ctx.grad_scale if ctx.grad_scale != 1.0 else g_UD
-        return all_to_all(g, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None, None
+        out = all_to_all(g, ctx.in_splits, ctx.out_splits, ctx.group)
+        ctx.stats["exchange_s"] += time.perf_counter() - t0
+        return out, None, None, None, None, None
 
 
 class ShardedStore(RowStore):
@@ -117,7 +123,9 @@ class ShardedStore(RowStore):
                              f"[{sharding.start}, {sharding.stop})")
         self.weight, self.sharding, self.group = weight, sharding, group
         self.grad_scale, self.dedup = grad_scale, dedup
-        self.stats.extra.update(ids_sent=0, rows_sent=0, distinct=0)
+        # exchange_s: wall time in the all-to-alls, forward and backward (host time: exact on gloo, which
+        # blocks; on NCCL the host only enqueues, so it is no measure there)
+        self.stats.extra.update(ids_sent=0, rows_sent=0, distinct=0, exchange_s=0.0)
 
     @property
     def row_range(self) -> tuple[int, int]:
@@ -138,14 +146,18 @@ class ShardedStore(RowStore):
         ids_N = flat_ids.reshape(-1).to(w.device)
         ids_U, inv_N = self._distinct(ids_N)  # 1.
         send_W = torch.bincount(sh.owner(ids_U), minlength=W)  # 2.
+        t0 = time.perf_counter()
         recv_W = all_to_all(send_W, [1] * W, [1] * W, self.group)  # 3.
         send, recv = send_W.tolist(), recv_W.tolist()
         asked_M = all_to_all(ids_U, recv, send, self.group)  # 4.
+        t1 = time.perf_counter()
         served_MD = F.embedding(asked_M - sh.start, w, sparse=sparse and w.requires_grad)  # 5.
+        t2 = time.perf_counter()
         if torch.is_grad_enabled() and served_MD.requires_grad:
-            rows_UD = _AllToAllRows.apply(served_MD, send, recv, self.group, self.grad_scale)  # 6.
+            rows_UD = _AllToAllRows.apply(served_MD, send, recv, self.group, self.grad_scale, self.stats.extra)  # 6.
         else:
             rows_UD = all_to_all(served_MD, send, recv, self.group)
+        self.stats.extra["exchange_s"] += (t1 - t0) + (time.perf_counter() - t2)
         self._count_exchange(ids_N.numel(), ids_U.numel(), send, recv, w)
         rows_ND = rows_UD[inv_N]  # 7.
         return rows_ND.to(device, non_blocking=True).reshape(*flat_ids.shape, self.layout.d_head)
