@@ -26,8 +26,8 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest -m 'not slow and not gpu and not integration'
 
-test-slow: setup
-	$(PY) -m pytest -m 'slow and not gpu' || [ $$? -eq 5 ]  # 5: no slow test collected
+test-slow: setup   # every marker `make test` leaves out but gpu: end-to-end runs and multi-process jobs
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m '(slow or dist) and not gpu' || [ $$? -eq 5 ]  # 5: none collected
 
 bench: setup
 	for b in hashing lookup step train cache; do $(VENV)/bin/engram bench $$b; done

@@ -42,7 +42,7 @@ def test_every_subcommand_has_a_readme_example():
     analyses = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "analyze"}
     assert analyses == {"gates", "logit-lens", "cka", "ablate"}
     benches = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "bench"}
-    assert benches == {"hashing", "lookup", "step", "train", "storage", "cache", "generate", "offload"}
+    assert benches == {"hashing", "lookup", "step", "train", "storage", "cache", "generate", "offload", "shard"}
 
 
 @pytest.mark.slow
@@ -60,6 +60,9 @@ def test_readme_examples_run(mini_cache, tmp_path):
     assert next(v for k, v in outputs.items() if k.startswith("engram generate")).startswith("ROMEO:")
     resumed = [k for k in outputs if "--resume" in k][0]
     assert "to step 30" in outputs[resumed]
+    two = next(k for k in outputs if "--nproc 2" in k)
+    assert "trained debug to step 6" in outputs[two]
+    assert len(list((tmp_path / "runs" / "debug-2proc" / "checkpoints" / "step_00000006").glob("table.*"))) == 2
     assert (tmp_path / "runs" / "debug" / "loss.png").is_file()
     assert (tmp_path / "runs" / "gates.png").read_bytes()[:4] == b"\x89PNG"
     assert "block 1 branch 0:" in next(v for k, v in outputs.items() if k.startswith("engram gates"))
