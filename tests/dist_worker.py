@@ -92,6 +92,7 @@ def main() -> int:
         SCENARIOS[scenario](rt, Path(out), args)
         ok = True
     except Exception as e:  # noqa: BLE001 - reported to the test
+        (Path(out) / f"rank{rank}.failed_at").write_text(f"{time.time():.3f}\n")
         print(f"FAILED {type(e).__name__}: {e}", file=sys.stderr)
         traceback.print_exc()
         return 3
