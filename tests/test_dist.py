@@ -230,3 +230,16 @@ def test_bench_shard_quick(mini_cache):
     assert [t["world"] for t in res["timing"]] == [1, 2]
     assert res["timing"][0]["all_to_all_share"] == 0 and 0 < res["timing"][1]["all_to_all_share"] < 1
     assert "bytes/token dedup" in res["table"] and "all-to-all share" in res["table"]
+
+
+def test_rank0_holds_the_run_lock_for_the_job(mini_cache, tmp_path):
+    from engram.io import RunLock
+
+    run = tmp_path / "run"
+    with RunLock(run):  # another writer holds the run: the whole job is refused, no rank trains
+        job = run_job("train", 2, tmp_path / "job", dict(train=tcfg(mini_cache), run_dir=str(run),
+                                                          cache_dir=str(mini_cache), timeout=30))
+    assert job.returncodes == [3, 3]
+    assert "FAILED RunLockedError" in job.stderr[0] and "is in use by another engram process" in job.stderr[0]
+    assert "FAILED CollectiveError: rank 1 of 2 on cpu: locking the run directory failed on another rank" in job.stderr[1]
+    assert not (run / "checkpoints").exists()
