@@ -124,10 +124,14 @@ class Runtime:
             ) from e
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over all ranks in place (returns it); a no-op in a single process."""
+        """Sum ``t`` over all ranks in place (returns it); a no-op in a single process. A host tensor
+        travels through this rank's device where the backend needs it (NCCL)."""
         if self.distributed:
+            x = t.to(self.device) if self.backend == "nccl" and t.device != self.device else t
             with self.guard("summing a tensor over ranks"):
-                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+                dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+            if x is not t:
+                t.copy_(x)
         return t
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -155,7 +155,7 @@ class _Run:
     config: dict[str, Any]
     run_dir: Path
     runtime: Runtime = field(default_factory=Runtime.single)
-    net: torch.nn.Module | None = None  # what a training step calls: the model, or DDP around it
+    net: torch.nn.Module | None = None  # what a training step calls: the model, or DDP around it (``train``)
     step: int = 0
     tokens: int = 0
     empty_batches: int = 0
@@ -207,6 +207,7 @@ def train(
     lock = rt.agree(lambda: RunLock(run_dir).acquire() if rt.is_main else None, "locking the run directory")
     try:  # rank 0 holds the lock on behalf of the job
         run = rt.agree(lambda: _build_run(model_cfg, tcfg, run_dir, cache_dir, rt), "building the run")
+        run.net = data_parallel(run.model, rt)  # collective: outside ``agree``, once every rank has its model
         rt.agree(lambda: _start_or_resume(run, resume), "starting or resuming the run")
         end = tcfg.steps if stop_after is None else min(tcfg.steps, stop_after)
         return _train_until(run, end, progress and rt.is_main, label)
@@ -236,7 +237,7 @@ def _build_run(model_cfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, cache_d
                             shard=shard, pin_memory=pin)
     extra = {TOKENIZER_FILE: run_dir / TOKENIZER_FILE, COMPRESSION_FILE: run_dir / COMPRESSION_FILE}
     return _Run(cfg, tcfg, data, model, opt, loader, val_loader, run_config(cfg, tcfg, data.tokenizer), run_dir,
-                rt, data_parallel(model, rt), extra_files=extra)
+                rt, extra_files=extra)
 
 
 def _start_or_resume(run: _Run, resume: Resume) -> None:
