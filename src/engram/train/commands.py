@@ -70,6 +70,9 @@ def cmd_train(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: start the workers, wait for them
         from engram.dist.launch import launch
 
+        tcfg, _ = _train_config(args), preset(args.preset)  # a bad setting is reported once, here
+        if tcfg.batch_size % args.nproc:
+            raise ValueError(f"--batch-size {tcfg.batch_size} (the global batch) is not divisible by --nproc {args.nproc}")
         return launch(args.nproc, getattr(args, "argv", None) or sys.argv[1:])
     from engram.dist import Runtime
     from engram.train.trainer import train
