@@ -134,6 +134,9 @@ class EngramTable(nn.Module):
         row file ``path``, refused if its layout differs; the in-memory rows are dropped)."""
         if tier not in TIERS:
             raise ValueError(f"unknown table tier {tier!r}; valid tiers: {', '.join(TIERS)}")
+        if self.store.row_range != (0, self.num_rows):
+            raise ValueError(f"table {self.layout.name!r} holds only rows {self.store.row_range} of a sharded table; "
+                             "load a checkpoint into an unsharded model to place its rows")
         self.store.close()
         if tier == "disk":
             if path is None:
