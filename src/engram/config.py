@@ -218,6 +218,7 @@ class TrainConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0  # on the dense (backbone) gradient norm; 0 disables
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # "auto": bf16 where the hardware makes it fast
+    compile: bool = False  # torch.compile each decoder block (engram.runtime.compile_blocks)
     eval_every: int = 100
     eval_batches: int = 16
     ckpt_every: int = 100

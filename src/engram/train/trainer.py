@@ -42,7 +42,7 @@ from engram.checkpoint import CONFIG_FILE, latest_checkpoint, load_checkpoint, s
 from engram.infer.evaluate import evaluate
 from engram.infer.run import (CHECKPOINTS, COMPRESSION_FILE, LOSS_PNG, METRICS_FILE, RUN_CONFIG, TOKENIZER_FILE,
                               read_config_json)
-from engram.runtime import autocast
+from engram.runtime import autocast, compile_blocks
 from engram.train.metrics import JsonlWriter, plot_loss_curves, read_jsonl
 from engram.train.optim import EngramOptimizer, build_optimizers
 from engram.train.schedule import build_schedule
@@ -106,7 +106,8 @@ def run_config(model_cfg: ModelConfig, tcfg: TrainConfig, tok) -> dict[str, Any]
 # is compared by content, its fingerprint, not by the path it was given at), and the compute dtype, which
 # depends on the machine ("auto"; a run started in bf16 may continue in fp32 elsewhere: its state is fp32
 # either way, only bit-exactness across the switch is lost)
-_RESUMABLE_CHANGES = ("steps", "eval_every", "ckpt_every", "keep_checkpoints", "tokenizer", "loader_timeout", "dtype")
+_RESUMABLE_CHANGES = ("steps", "eval_every", "ckpt_every", "keep_checkpoints", "tokenizer", "loader_timeout", "dtype",
+                      "compile")
 
 
 def _resume_key(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +186,8 @@ def _build_run(model_cfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, cache_d
     cfg = data.model_cfg
     torch.manual_seed(tcfg.seed)
     model = build_model(cfg, data.compression.lookup).train()
+    if tcfg.compile:
+        compile_blocks(model)
     opt = build_optimizers(model, tcfg.lr, tcfg.weight_decay, (tcfg.beta1, tcfg.beta2), tcfg.table_lr_mult,
                            backbone=tcfg.backbone_optimizer)
     hash_fn = model.hash if model.hasher is not None else None
