@@ -28,6 +28,7 @@ from engram.interop.bundle import (
     FUSION_FILE,
     BundleFileError,
     BundleInfo,
+    LEGACY_ADAPTER,
     BundleLayer,
     fill_table,
     read_bundle,
@@ -60,6 +61,8 @@ def save_adapter(model_or_adapter: nn.Module | EngramAdapter, path: str | os.Pat
 
 def read_layout(path: str | os.PathLike) -> BundleInfo:
     """The adapter's bundle description, after checking its format and every file's size and sha256."""
+    if not any((Path(path) / name).is_file() for name in (BUNDLE_FILE, LEGACY_ADAPTER[0])):
+        raise AdapterFileError(f"{path} is not an Engram adapter: no {BUNDLE_FILE}")
     return read_bundle(path, verify="full")
 
 

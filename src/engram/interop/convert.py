@@ -144,13 +144,19 @@ class V41Checkpoint:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise FileNotFoundError(f"V4.1 checkpoint directory {self.directory} does not exist")
-        self.files = [SafetensorsFile(p) for p in self._file_paths()]
-        self.config = self._config()
+        self.files: list[SafetensorsFile] = []
         self.layers: dict[int, dict[str, V41Tensor]] = {}
         self.prefixes: dict[int, str] = {}
-        for f in self.files:
-            for name in f.entries:
-                self._add(f, name, key_prefix)
+        try:
+            for p in self._file_paths():
+                self.files.append(SafetensorsFile(p))
+            self.config = self._config()
+            for f in self.files:
+                for name in f.entries:
+                    self._add(f, name, key_prefix)
+        except BaseException:
+            self.close()
+            raise
 
     def _file_paths(self) -> list[Path]:
         index = self.directory / V41_INDEX

@@ -83,7 +83,7 @@ class SafetensorsFile:
         try:
             self.entries, self.metadata = self._parse_header()
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def _parse_header(self) -> tuple[dict[str, TensorEntry], dict[str, str]]:

@@ -264,8 +264,8 @@ def write_rowfile(
 
     ``read_rows(start, stop)`` returns rows [stop - start, W] (fp32 or bf16, or ``QuantizedRows`` already
     in an 8-bit ``kind``'s format, stored unchanged), so the table is streamed in chunks and never held
-    twice. ``source["weights_sha256"]`` is filled with the digest of those rows (payload then scales, per
-    chunk, for quantized rows). ``data_digest`` (a hashlib object), when given, is fed every byte written
+    twice. ``source["weights_sha256"]`` is filled with the digest of those rows (of each quantized row, its
+    payload then its scales). ``data_digest`` (a hashlib object), when given, is fed every byte written
     after the header, so a caller can record a checksum of the data without reading the file back.
     """
     fmt = RowFormat(kind, layout.d_head)
@@ -284,8 +284,7 @@ def write_rowfile(
             shape = tuple((rows.payload if isinstance(rows, QuantizedRows) else rows).shape)
             if shape != (stop - start, layout.d_head):
                 raise ValueError(f"read_rows({start}, {stop}) returned shape {shape}")
-            for t in (rows.payload, rows.scales) if isinstance(rows, QuantizedRows) else (rows,):
-                digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(_row_bytes(rows).numpy().tobytes())
             pages = _pages(fmt, encode_rows(fmt, rows, np.arange(start, stop)))
             if data_digest is not None:
                 data_digest.update(pages)
@@ -297,6 +296,16 @@ def write_rowfile(
         f.seek(0)
         f.write(_encode_header(header))
     return header
+
+
+def _row_bytes(rows: torch.Tensor | QuantizedRows) -> torch.Tensor:
+    """The bytes the weights digest covers, row after row (so it does not depend on the chunking): the
+    values, or a quantized row's payload followed by its scales."""
+    if not isinstance(rows, QuantizedRows):
+        return rows.contiguous().view(torch.uint8)
+    n = rows.payload.shape[0]
+    return torch.cat([rows.payload.contiguous().view(torch.uint8).reshape(n, -1),
+                      rows.scales.contiguous().view(torch.uint8).reshape(n, -1)], dim=1)
 
 
 def _records_view(buf: np.ndarray, fmt: RowFormat, n_pages: int) -> np.ndarray:
