@@ -221,10 +221,16 @@ def edited(tmp_path: Path, change) -> Path:
     return write_v41_dir(tmp_path / "bad", state)
 
 
+def replace(key: str, fn):
+    """A change to a state dict: ``key`` replaced by ``fn(old value)``."""
+    return lambda s: s.update({key: fn(s[key])})
+
+
 @pytest.mark.parametrize("change, message", [
-    (lambda s: s.update({"wkv.weight": s["wkv.weight"][:256]}), r"layer 1 \(layers\.1\.engram\.\*\): 'wkv\.weight' has shape \[256, 1536\], expected \[320, \*\]"),
-    (lambda s: s.update({"k_weight": s["k_weight"][:3]}), r"'k_weight' has shape \[3, 64\], expected \[4, 64\]"),
-    (lambda s: s.update({"embed.scale": s["embed.scale"][:, :1]}), r"'embed\.scale' has shape \[14032, 1\], expected \[14032, 2\]"),
+    (replace("wkv.weight", lambda t: t[:256]),
+     r"layer 1 \(layers\.1\.engram\.\*\): 'wkv\.weight' has shape \[256, 1536\], expected \[320, \*\]"),
+    (replace("k_weight", lambda t: t[:3]), r"'k_weight' has shape \[3, 64\], expected \[4, 64\]"),
+    (replace("embed.scale", lambda t: t[:, :1]), r"'embed\.scale' has shape \[14032, 1\], expected \[14032, 2\]"),
 ], ids=["wkv rows", "norm branches", "scales per row"])
 def test_wrong_shapes_are_refused(tmp_path, cmap, change, message):
     with pytest.raises(ReferenceFormatError, match=message):
@@ -233,10 +239,11 @@ def test_wrong_shapes_are_refused(tmp_path, cmap, change, message):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda s: s.update({"embed.weight": s["embed.weight"].to(torch.bfloat16)}), r"'embed\.weight' has dtype torch\.bfloat16, expected float8_e4m3fn"),
-    (lambda s: s.update({"embed.scale": s["embed.scale"].view(torch.uint8)}), r"'embed\.scale' has dtype torch\.uint8, expected float8_e8m0fnu"),
-    (lambda s: s.update({"q_weight": s["q_weight"].to(torch.int64)}), r"'q_weight' has dtype torch\.int64, expected float32"),
-    (lambda s: s.update({"wkv.weight": s["wkv.weight"].to(torch.float8_e4m3fn)}), r"'wkv\.weight' is float8_e4m3fn"),
+    (replace("embed.weight", lambda t: t.to(torch.bfloat16)),
+     r"'embed\.weight' has dtype torch\.bfloat16, expected float8_e4m3fn"),
+    (replace("embed.scale", lambda t: t.view(torch.uint8)), r"'embed\.scale' has dtype torch\.uint8, expected float8_e8m0fnu"),
+    (replace("q_weight", lambda t: t.to(torch.int64)), r"'q_weight' has dtype torch\.int64, expected float32"),
+    (replace("wkv.weight", lambda t: t.to(torch.float8_e4m3fn)), r"'wkv\.weight' is float8_e4m3fn"),
 ], ids=["table payload", "table scales", "norm", "quantized wkv"])
 def test_wrong_dtypes_are_refused(tmp_path, cmap, change, message):
     with pytest.raises(ReferenceFormatError, match=message):
