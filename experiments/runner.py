@@ -51,13 +51,27 @@ class RunPlan:
     def config(self) -> dict:
         return {"model": to_dict(self.model), "train": to_dict(self.train), "eval": [list(e) for e in self.eval_sets]}
 
+    def hashed_config(self) -> dict:
+        """``config()`` without fields added after runs were first recorded, where they hold the value that
+        reproduces the behaviour from before they existed: adding an option must not orphan finished runs."""
+        cfg = self.config()
+        for part, fields in ADDED_FIELDS.items():
+            for name, legacy in fields.items():
+                if cfg[part].get(name, legacy) == legacy:
+                    cfg[part].pop(name, None)
+        return cfg
+
     @property
     def config_hash(self) -> str:
-        return config_hash(self.config())
+        return config_hash(self.hashed_config())
 
     @property
     def name(self) -> str:
         return f"{self.variant}-s{self.seed}-{self.config_hash[:8]}"
+
+
+# fields added to the configs after the first runs were recorded, with the value that behaves as before
+ADDED_FIELDS: dict[str, dict[str, object]] = {"model": {}, "train": {"compile": False, "grad_clip_groups": "backbone"}}
 
 
 def config_hash(config: dict) -> str:

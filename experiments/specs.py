@@ -59,7 +59,10 @@ class Size:
         return TrainConfig(corpus=self.corpus, seq_len=self.seq_len, batch_size=self.batch_size, steps=steps,
                            lr=self.lr, warmup_steps=min(max(steps // 20, 1), steps), schedule="cosine", dtype=dtype,
                            eval_every=max(steps // 4, 1), eval_batches=8, ckpt_every=max(steps // 8, 1),
-                           keep_checkpoints=1, seed=seed)
+                           keep_checkpoints=1, seed=seed,
+                           # the clipping the recorded runs used: the backbone by its own norm, tables unclipped
+                           # (no table gradient reaches the backbone's norm, so Engram and MoE runs compare fairly)
+                           grad_clip_groups="backbone")
 
 
 _HELD_OUT = (("en", 32), ("brown", 32), ("sympy", 32))

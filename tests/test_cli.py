@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,10 @@ def run_line(line: str, cwd: Path, cache: Path, timeout: int = 600) -> str:
 
 def test_every_subcommand_has_a_readme_example():
     subs = {shlex.split(line)[1] for line in readme_examples()}
-    assert subs == {"hash", "data", "train", "eval", "generate", "gates", "tables", "analyze", "bench", "demo", "plan"}
+    assert subs == {"hash", "data", "train", "eval", "generate", "gates", "tables", "analyze", "bench", "demo", "plan",
+                    "import", "export"}
+    formats = {tuple(shlex.split(line)[1:3]) for line in readme_examples() if shlex.split(line)[1] in ("import", "export")}
+    assert formats == {("import", "demo"), ("import", "deepseek-v41"), ("export", "deepseek-v41")}
     analyses = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "analyze"}
     assert analyses == {"gates", "logit-lens", "cka", "ablate"}
     benches = {shlex.split(line)[2] for line in readme_examples() if shlex.split(line)[1] == "bench"}
@@ -49,6 +53,8 @@ def test_every_subcommand_has_a_readme_example():
 def test_readme_examples_run(mini_cache, tmp_path):
     (tmp_path / "tests" / "fixtures").mkdir(parents=True)  # the examples name files of the repository
     (tmp_path / "tests" / "fixtures" / "prompts.txt").write_bytes((ROOT / "tests" / "fixtures" / "prompts.txt").read_bytes())
+    shutil.copytree(ROOT / "tests" / "fixtures" / "v41-tiny", tmp_path / "tests" / "fixtures" / "v41-tiny")
+    shutil.copytree(ROOT / "tests" / "golden", tmp_path / "tests" / "golden")
     outputs = {}
     for line in readme_examples():
         if line.startswith("engram demo"):
@@ -77,6 +83,10 @@ def test_readme_examples_run(mini_cache, tmp_path):
         assert (analysis / name).is_file(), name
     assert json.loads((analysis / "logit_lens.json").read_text())["debug"]["kl"][-1] == 0.0
     assert "| factual (training-data phrases) |" in (analysis / "ablation.md").read_text()
+    runs = tmp_path / "runs"
+    assert "layers [1] (rows {1: 12478})" in next(v for k, v in outputs.items() if k.startswith("engram import demo"))
+    for name in ("engram.1.rows", "engram.14.rows", "fusion.safetensors", "engram_bundle.json"):
+        assert (runs / "v41-again" / name).read_bytes() == (runs / "v41-bundle" / name).read_bytes()  # bit-exact
 
 
 @pytest.mark.slow

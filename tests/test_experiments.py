@@ -126,6 +126,23 @@ def test_config_hash_is_stable_and_sensitive():
     assert config_hash({"a": 1, "b": [2]}) == config_hash({"b": [2], "a": 1})
 
 
+def test_fields_added_later_do_not_orphan_finished_runs():
+    """A field added after runs were recorded hashes as before while it holds its legacy value (the
+    committed xs summaries were recorded before TrainConfig.compile existed), and changes it otherwise."""
+    import dataclasses
+
+    from experiments.runner import ADDED_FIELDS
+
+    plan = plan_experiment("iso", "xs", dtype="fp32")[0][0]
+    old = plan.config()
+    for part, fields in ADDED_FIELDS.items():
+        for name in fields:
+            old[part].pop(name, None)
+    assert plan.config_hash == config_hash(old) == "54c25418" + plan.config_hash[8:]
+    flipped = dataclasses.replace(plan, train=dataclasses.replace(plan.train, compile=True))
+    assert flipped.config_hash != plan.config_hash
+
+
 # ------------------------------------------------------------------------------------ quick end to end
 
 

@@ -215,7 +215,7 @@ def test_save_load_roundtrip_reproduces_logits(tok, cmap, tmp_path):
     with torch.no_grad():
         adapter.layers[1].table.weight.mul_(1.5)
     path = save_adapter(model, tmp_path / "adapter")
-    assert sorted(p.name for p in path.iterdir()) == ["engram.1.rows", "engram_adapter.json", "fusion.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["engram.1.rows", "engram_bundle.json", "fusion.safetensors"]
     fresh = copy.deepcopy(base)
     loaded = load_adapter(fresh, tok, path, compression=cmap)
     ids, mask = prompts(tok)
@@ -256,6 +256,73 @@ def test_load_refuses_corrupt_files(tok, cmap, tmp_path):
         load_adapter(tiny("gpt2"), tok, path, compression=cmap)
     with pytest.raises(AdapterFileError, match="not an Engram adapter"):
         load_adapter(tiny("gpt2"), tok, tmp_path, compression=cmap)
+
+
+def test_adapter_saved_in_the_earlier_layout_still_loads(tok, cmap, tmp_path):
+    """Adapters written as engram_adapter.json (format "engram-hf-adapter" 1, whole-file sha256) load."""
+    import json
+
+    from engram.io import sha256_file
+
+    base, model, adapter = adapted("llama", tok, cmap, layers=(1,))
+    wake(adapter)
+    path = save_adapter(model, tmp_path / "adapter")
+    meta = json.loads((path / "engram_bundle.json").read_text())
+    legacy = {"format": "engram-hf-adapter", "format_version": 1, "engram": meta["engram"],
+              "hash_layout": meta["hash_layout"], "hash_fingerprint": meta["hash_fingerprint"],
+              "base_model": meta["base"], "tables": meta["tables"],
+              "files": {n: {"bytes": (path / n).stat().st_size, "sha256": sha256_file(path / n)} for n in meta["files"]}}
+    (path / "engram_bundle.json").unlink()
+    (path / "engram_adapter.json").write_text(json.dumps(legacy))
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tok, path, compression=cmap)
+    ids, mask = prompts(tok)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
+def test_adapter_is_a_bundle_usable_standalone(tok, cmap, tmp_path):
+    """The saved adapter loads as an Engram layer set (no transformers model) and computes the same Y."""
+    from engram.interop.bundle import load_bundle
+
+    _, model, adapter = adapted("qwen2", tok, cmap, layers=(1,))
+    wake(adapter)
+    path = save_adapter(model, tmp_path / "adapter")
+    engram = load_bundle(path, tok, compression=cmap, tier="disk")
+    ids, _ = prompts(tok)
+    h = torch.randn(*ids.shape, 1, 64)
+    with torch.no_grad():
+        want, _ = adapter.layers[1](h, adapter.hash(ids)[:, :, 0])
+        got, _ = engram(1, h, engram.hash(ids))
+    assert torch.equal(got, want)
+
+
+def test_a_bundle_made_elsewhere_loads_when_it_fits(tok, cmap, tmp_path):
+    """A bundle that records only its tokenizer loads into a model of its width; one with several residual
+    branches is refused, naming why."""
+    from engram.interop.bundle import BundleLayer, write_bundle
+    from engram.model import build_engram_layer
+    from engram.tokenizer import tokenizer_identity
+
+    _, model, adapter = adapted("llama", tok, cmap, layers=(1,))
+    cfg, hasher = adapter.config, adapter.hasher
+    made = {}
+    for branches in (1, 2):
+        torch.manual_seed(branches)
+        made[branches] = layer = build_engram_layer(cfg, 64, branches, hasher.head_sizes(1))
+        rows = layer.table.weight.detach()
+        write_bundle(tmp_path / f"b{branches}", cfg, hasher, 64, branches,
+                     {1: BundleLayer(layer.fusion.state_dict(), lambda a, b, rows=rows: rows[a:b], "fp32")},
+                     {"tokenizer": tokenizer_identity(tok, cmap)}, {"kind": "test"})
+    loaded = load_adapter(tiny("llama"), tok, tmp_path / "b1", compression=cmap)
+    assert torch.equal(loaded.layers[1].table.weight, made[1].table.weight)
+    assert torch.equal(loaded.layers[1].fusion.key_proj.weight, made[1].fusion.key_proj.weight)
+    with pytest.raises(AdapterFileError, match="read 2 residual branches; a transformers model has one"):
+        load_adapter(tiny("llama"), tok, tmp_path / "b2", compression=cmap)
+    with pytest.raises(AdapterMismatchError, match=r"tokenizer\.vocab_size: 512 != 513"):
+        other = Tokenizer.from_str(tok.to_str())
+        other.add_tokens(["<|image|>"])
+        load_adapter(tiny("llama", vocab=520), other, tmp_path / "b1")
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -11,6 +11,8 @@
     engram demo      the end-to-end demo (baseline MoE vs Engram-MoE)
     engram plan      per-rank memory and all-to-all traffic of a preset on N ranks
     engram analyze   look inside trained runs (gates, LogitLens, CKA, Engram-off ablation)
+    engram import    DeepSeek's Engram weights (demo, V4.1) -> an Engram bundle
+    engram export    an Engram bundle -> DeepSeek-V4.1's safetensors layout
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from engram.argtypes import POS_INT
 from engram.bench.commands import add_bench_parser
 from engram.data.commands import add_data_parser
 from engram.infer.commands import add_infer_parsers, add_tables_parser
+from engram.interop.commands import add_export_parsers, add_import_parsers
 from engram.plan.commands import add_plan_parser
 from engram.train.commands import add_train_parser
 
@@ -133,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_gates_parser(sub)
     add_plan_parser(sub)
     add_analyze_parser(sub)
+    add_import_parsers(sub)
+    add_export_parsers(sub)
 
     d = sub.add_parser("demo", help="train tiny MoE and tiny Engram-MoE side by side on `mini` and compare")
     d.add_argument("--out", default="runs/demo")

@@ -222,6 +222,7 @@ class TrainConfig:
     # "global": one norm over both; "backbone": tables unclipped (runs saved before this field existed)
     grad_clip_groups: Literal["per_group", "global", "backbone"] = "per_group"
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # "auto": bf16 where the hardware makes it fast
+    compile: bool = False  # torch.compile each decoder block (engram.runtime.compile_blocks)
     eval_every: int = 100
     eval_batches: int = 16
     ckpt_every: int = 100

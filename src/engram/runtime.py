@@ -57,3 +57,20 @@ def autocast(dtype: str, device: "torch.device | str" = "cpu"):
 
     kind = torch.device(device).type
     return torch.autocast(kind, dtype=torch.bfloat16, enabled=resolve_dtype(dtype, device) == "bf16")
+
+
+def compile_blocks(model: "torch.nn.Module", mode: str | None = None) -> "torch.nn.Module":
+    """Compile each decoder block of ``model`` in place with ``torch.compile`` (regional compilation).
+
+    Blocks repeat, so compiling one block's forward and reusing the compiled code for the others costs a
+    fraction of compiling the whole model, and ``nn.Module.compile`` keeps parameter names (checkpoints
+    and optimizers see the same module). Engram table lookups stay eager (``EngramTable.forward`` is
+    excluded from compilation: sparse row gradients and host/disk stores are not graph material); hashing
+    runs outside ``forward`` anyway. Returns ``model``.
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"compile_blocks: {type(model).__name__} has no .blocks to compile")
+    for blk in blocks:
+        blk.compile(mode=mode, dynamic=False)
+    return model

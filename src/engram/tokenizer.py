@@ -144,6 +144,20 @@ def vocab_extent(tok: Tokenizer) -> int:
     return max(max(vocab.values()) + 1, tok.get_vocab_size(with_added_tokens=True))
 
 
+def tokenizer_identity(tok: Tokenizer, cmap: "CompressionMap") -> dict[str, Any]:
+    """What tables record about the tokenizer their hashes came from: id count, a sha256 of its token -> id
+    map and the compression map's fingerprint (compared, field by field, when the tables are loaded)."""
+    import json
+
+    vocab = tok.get_vocab(with_added_tokens=True)
+    ordered = json.dumps(sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])), sort_keys=True, default=str)
+    return {
+        "vocab_size": vocab_extent(tok),
+        "vocab_sha256": hashlib.sha256(ordered.encode()).hexdigest(),
+        "compression_sha256": cmap.fingerprint(),
+    }
+
+
 def canonical_keys(tokenizer: Tokenizer | str | os.PathLike[str], progress: bool = False) -> list[str]:
     """The canonical key string of every raw id, in id order (what ``CompressionMap.build`` groups by)."""
     tok = load_tokenizer(tokenizer)
@@ -403,5 +417,6 @@ __all__ = [
     "demo_normalizer",
     "gpt2_tokenizer",
     "load_tokenizer",
+    "tokenizer_identity",
     "vocab_extent",
 ]

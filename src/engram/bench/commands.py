@@ -21,7 +21,12 @@ BENCHES = ("hashing", "lookup", "step", "train", "storage", "cache", "generate",
 
 def cmd_bench(args: argparse.Namespace) -> int:
     run, quick = _benches()[args.which]
-    res = run(**(quick if args.quick else {}))
+    kw = dict(quick) if args.quick else {}
+    if args.vs_hf:
+        if args.which != "train":
+            raise ValueError("--vs-hf belongs to `engram bench train`")
+        kw["vs_hf"] = True
+    res = run(**kw)
     print(res["table"])
     if args.json_out:
         from engram.io import atomic_write_json
@@ -34,5 +39,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="benchmarks against a baseline in the same run")
     b.add_argument("which", choices=BENCHES)
     b.add_argument("--quick", action="store_true", help="small sizes (seconds), for smoke tests")
+    b.add_argument("--vs-hf", action="store_true",
+                   help="train: time our dense backbone against transformers' Llama of the same shape, eager and compiled")
     b.add_argument("--json-out", help="also write the figures as JSON")
     b.set_defaults(func=cmd_bench)

@@ -10,7 +10,7 @@ import torch
 
 from engram.bench.common import time_pair
 from engram.report import format_table
-from engram.runtime import resolve_dtype
+from engram.runtime import compile_blocks, resolve_dtype
 from engram.config import preset
 from engram.model import build_model
 from engram.train.optim import build_optimizers
@@ -18,10 +18,12 @@ from engram.train.optim import build_optimizers
 QUICK = dict(batch=2, seq=64, repeats=2)
 
 
-def _stepper(name: str, batch: int, seq: int, dtype: torch.dtype):
+def _stepper(name: str, batch: int, seq: int, dtype: torch.dtype, compiled: bool = False):
     torch.manual_seed(0)
     cfg = preset(name)
     model = build_model(cfg).train()
+    if compiled:
+        compile_blocks(model)
     opt = build_optimizers(model, lr=1e-3)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     hash_ids = model.hash(ids)  # hashing belongs to the loader, not the step

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from engram.config import diff_configs
-from engram.tokenizer import CompressionMap, vocab_extent
+from engram.tokenizer import CompressionMap, tokenizer_identity
 
 # Config entries that say how a model runs, not what it is; they may differ between save and load.
 _RUNTIME_KEYS = frozenset(
@@ -43,15 +43,6 @@ def architecture_config(config: Any) -> dict[str, Any]:
 
 def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def tokenizer_identity(tok: Tokenizer, cmap: CompressionMap) -> dict[str, Any]:
-    vocab = tok.get_vocab(with_added_tokens=True)
-    return {
-        "vocab_size": vocab_extent(tok),
-        "vocab_sha256": _sha256_json(sorted(vocab.items(), key=lambda kv: (kv[1], kv[0]))),
-        "compression_sha256": cmap.fingerprint(),
-    }
 
 
 def base_identity(model: nn.Module, tok: Tokenizer, cmap: CompressionMap) -> dict[str, Any]:

@@ -1,199 +1,81 @@
-"""Save and load an Engram adapter alone, without the base model's weights.
+"""Save and load an Engram adapter alone, without the base model's weights: as an Engram bundle.
 
-Layout of an adapter directory::
+The adapter directory is a bundle (engram.interop.bundle, the one on-disk format for Engram layer sets):
+``engram_bundle.json`` (the EngramConfig, the hash layout, ``base``: the base model's identity from
+engram.hf.identity, sizes and checksums of the other files), ``fusion.safetensors`` and one row file
+``engram.<decoder index>.rows`` per Engram layer. Saving is atomic (a reader sees the old adapter or the
+new one). Loading checks, before it touches the model: format, file sizes and checksums, the base model
+and tokenizer identity and the hash layout (each refusal names what differs), tensor names and shapes.
+Adapters saved in the earlier ``engram_adapter.json`` layout still load.
 
-    engram_adapter.json   format and version, the EngramConfig, the hash layout and its fingerprint,
-                          the base model's identity (engram.hf.identity), the table layout, and the size
-                          and sha256 of every other file
-    fusion.safetensors    gate, value and key projections, norms, conv: "<decoder index>.<fusion key>"
-    tables.safetensors    one table per Engram layer: "<decoder index>" -> [rows, d_head]
-
-Tables are written and read by ``write_tables`` / ``read_tables`` only, so their file format can change
-(to the storage tier's) in one place. Saving writes into a temporary directory beside the target,
-fsyncs it and renames it into place: a reader sees the old adapter or the new one, never a mix.
-Loading checks, before it touches the model: format, file sizes and checksums, the base model and
-tokenizer identity and the hash layout (each refusal names what differs), and tensor names and shapes.
+A bundle written elsewhere (``engram import``) loads here too when it fits: one residual branch, the
+model's width, and the tokenizer it records (a bundle that records only a tokenizer is checked on that).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
-import safetensors
-import safetensors.torch
 import torch
 from torch import nn
 
-from engram import io as eio
-from engram.config import EngramConfig, from_dict, to_dict
 from engram.hf.adapter import EngramAdapter, attach, engram_adapter, plan_adapter
 from engram.hf.identity import check_identity
-from engram.memory.layout import TableLayout
-from engram.memory.rowfile import RowFileError, RowFileReader, write_rowfile
-from engram.memory.store import rowfile_name
-from engram.memory.table import EngramTable, check_layout
-from engram.model import build_engram_layer
+from engram.interop.bundle import (
+    BUNDLE_FILE,
+    FUSION_FILE,
+    BundleFileError,
+    BundleInfo,
+    LEGACY_ADAPTER,
+    BundleLayer,
+    fill_table,
+    read_bundle,
+    read_fusion,
+    table_layout,
+    write_bundle,
+)
+from engram.memory.table import check_layout
 from engram.tokenizer import CompressionMap
 
-ADAPTER_FILE = "engram_adapter.json"
-FUSION_FILE = "fusion.safetensors"
-FORMAT = "engram-hf-adapter"
-FORMAT_VERSION = 1
+ADAPTER_FILE = BUNDLE_FILE
+AdapterFileError = BundleFileError  # one error for a bad adapter or bundle directory
 
 
-class AdapterFileError(ValueError):
-    """An adapter directory that is incomplete, corrupt or of an unknown format."""
-
-
-# ------------------------------------------------------------------------------------------- tables
-
-
-def write_tables(directory: Path, tables: dict[int, EngramTable]) -> dict[str, Any]:
-    """Write every Engram layer's table into ``directory`` as row files (engram.memory.rowfile: checked
-    records, the table layout with its hash layout in the header); return the layout JSON's ``tables`` entry."""
-    layers = {}
-    for i, table in tables.items():
-        w = table.weight.detach()
-        kind = "bf16" if w.dtype == torch.bfloat16 else "fp32"
-        write_rowfile(directory / rowfile_name(f"engram.{i}"), table.layout, lambda a, b: w[a:b].cpu(), kind)
-        layers[str(i)] = {"file": rowfile_name(f"engram.{i}"), "rows": table.num_rows, "d_head": table.d_head,
-                          "dtype": table.layout.dtype}
-    return {"format": "engram-rows", "layers": layers}
-
-
-def read_tables(directory: Path, entry: dict[str, Any], expected: dict[int, TableLayout]) -> dict[int, torch.Tensor]:
-    """The tables ``write_tables`` wrote, every row checked, each file's layout against ``expected``."""
-    if entry.get("format") != "engram-rows":
-        raise AdapterFileError(f"{directory}: table format {entry.get('format')!r} is not supported here")
-    if set(entry["layers"]) != {str(i) for i in expected}:
-        raise AdapterFileError(f"{directory}: tables for layers {sorted(entry['layers'])}, the adapter has "
-                               f"{sorted(str(i) for i in expected)}")
-    out = {}
-    for i, layout in expected.items():
-        path = directory / entry["layers"][str(i)]["file"]
-        dtype = torch.bfloat16 if layout.dtype == "bfloat16" else torch.float32
-        try:
-            with RowFileReader(path, expected=layout, io="mmap") as reader:
-                out[i] = torch.cat([rows for _, rows in reader.iter_rows(dtype=dtype)])
-        except (OSError, RowFileError) as e:
-            raise AdapterFileError(f"cannot read {path}: {e}") from None
-    return out
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return safetensors.torch.load_file(str(path))
-    except (OSError, safetensors.SafetensorError) as e:
-        raise AdapterFileError(f"cannot read {path}: {e}") from None
-
-
-# ------------------------------------------------------------------------------------------- save
-
-
-def _fusion_tensors(adapter: EngramAdapter) -> dict[str, torch.Tensor]:
-    return {
-        f"{i}.{k}": v.detach().to("cpu").contiguous()
-        for i, layer in adapter.layers.items()
-        for k, v in layer.fusion.state_dict().items()
-    }
-
-
-def _layout(adapter: EngramAdapter) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "engram": to_dict(adapter.config),
-        "hash_layout": adapter.hasher.layout(),
-        "hash_fingerprint": adapter.hasher.fingerprint(),
-        "base_model": adapter.identity,
-    }
-
-
-def _write_files(tmp: Path, adapter: EngramAdapter) -> None:
-    safetensors.torch.save_file(_fusion_tensors(adapter), str(tmp / FUSION_FILE), metadata={"format": "pt"})
-    with open(tmp / FUSION_FILE, "rb") as f:
-        os.fsync(f.fileno())
-    layout = _layout(adapter)
-    layout["tables"] = write_tables(tmp, {i: layer.table for i, layer in adapter.layers.items()})
-    layout["files"] = {
-        name: {"bytes": (tmp / name).stat().st_size, "sha256": eio.sha256_file(tmp / name)}
-        for name in (FUSION_FILE, *(t["file"] for t in layout["tables"]["layers"].values()))
-    }
-    eio.write_synced(tmp / ADAPTER_FILE, json.dumps(layout, indent=2, sort_keys=True) + "\n")
-    eio.fsync_dir(tmp)
+def _layer(adapter: EngramAdapter, i: int) -> BundleLayer:
+    layer = adapter.layers[i]
+    w = layer.table.weight.detach()
+    kind = "bf16" if w.dtype == torch.bfloat16 else "fp32"
+    fusion = {k: v.detach() for k, v in layer.fusion.state_dict().items()}
+    return BundleLayer(fusion, lambda a, b: w[a:b].cpu(), kind)
 
 
 def save_adapter(model_or_adapter: nn.Module | EngramAdapter, path: str | os.PathLike) -> Path:
     """Write the Engram adapter of a model (or an ``EngramAdapter``) to directory ``path``, atomically."""
     adapter = model_or_adapter if isinstance(model_or_adapter, EngramAdapter) else engram_adapter(model_or_adapter)
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        _write_files(tmp, adapter)
-        old = None
-        if final.exists():  # replacing an adapter: swap, then delete the old copy
-            old = final.parent / f".tmp-old-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        eio.fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    d_model = next(iter(adapter.layers.values())).fusion.d_model
+    return write_bundle(path, adapter.config, adapter.hasher, d_model, 1,
+                        {i: _layer(adapter, i) for i in adapter.layers}, adapter.identity, {"kind": "hf-adapter"})
 
 
-# ------------------------------------------------------------------------------------------- load
+def read_layout(path: str | os.PathLike) -> BundleInfo:
+    """The adapter's bundle description, after checking its format and every file's size and sha256."""
+    if not any((Path(path) / name).is_file() for name in (BUNDLE_FILE, LEGACY_ADAPTER[0])):
+        raise AdapterFileError(f"{path} is not an Engram adapter: no {BUNDLE_FILE}")
+    return read_bundle(path, verify="full")
 
 
-def read_layout(path: str | os.PathLike) -> dict[str, Any]:
-    """The adapter's layout JSON, after checking its format and every listed file's size and sha256."""
-    directory = Path(path)
-    try:
-        layout = json.loads((directory / ADAPTER_FILE).read_text())
-    except FileNotFoundError:
-        raise AdapterFileError(f"{directory} is not an Engram adapter: no {ADAPTER_FILE}") from None
-    except (OSError, ValueError) as e:
-        raise AdapterFileError(f"{directory / ADAPTER_FILE} is unreadable or corrupt: {e}") from None
-    if layout.get("format") != FORMAT or layout.get("format_version") != FORMAT_VERSION:
-        raise AdapterFileError(
-            f"{directory / ADAPTER_FILE}: format {layout.get('format')!r} version {layout.get('format_version')!r}, "
-            f"expected {FORMAT!r} version {FORMAT_VERSION}"
-        )
-    for name, meta in layout["files"].items():
-        f = directory / name
-        if not f.is_file():
-            raise AdapterFileError(f"adapter file missing: {f}")
-        if f.stat().st_size != meta["bytes"] or eio.sha256_file(f) != meta["sha256"]:
-            raise AdapterFileError(f"adapter file {f} is truncated or corrupt (size or sha256 differs from {ADAPTER_FILE})")
-    return layout
-
-
-def _check_fusion(tensors: dict[str, torch.Tensor], config: EngramConfig, d_model: int, source: Path) -> None:
-    """Every layer's fusion tensors have exactly the names and shapes this config builds."""
-    with torch.device("meta"):  # shapes only
-        fusion = build_engram_layer(config, d_model, 1, [1] * config.total_heads).fusion
-    want = {f"{i}.{k}": tuple(v.shape) for i in config.layers for k, v in fusion.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
-    if got != want:
-        diff = sorted(set(got.items()) ^ set(want.items()))
-        raise AdapterFileError(f"{source}: fusion tensors do not fit this config and model (name, shape): {diff[:8]}")
-
-
-def _load_weights(adapter: EngramAdapter, fusion: dict[str, torch.Tensor], tables: dict[int, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for i, layer in adapter.layers.items():
-            prefix = f"{i}."
-            layer.fusion.load_state_dict({k[len(prefix):]: v for k, v in fusion.items() if k.startswith(prefix)})
-            layer.table.weight.copy_(tables[i])
+def _check_fits(info: BundleInfo, d_model: int) -> None:
+    if info.n_branches != 1:
+        raise BundleFileError(f"{info.path}: its Engram layers read {info.n_branches} residual branches; a "
+                              "transformers model has one")
+    if info.d_model != d_model:
+        raise BundleFileError(f"{info.path}: its Engram layers are {info.d_model} wide, the model's hidden size "
+                              f"is {d_model}")
+    if set(info.layers) != set(info.config.layers):
+        raise BundleFileError(f"{info.path}: holds layers {list(info.layers)} of {list(info.config.layers)}; an "
+                              "adapter needs every layer of its hash layout")
 
 
 def load_adapter(
@@ -203,35 +85,22 @@ def load_adapter(
 
     Raises ``AdapterMismatchError`` naming what differs (model class, config fields, embedding rows,
     tokenizer vocabulary or compression map), ``TableLayoutError`` for another hash layout and
-    ``AdapterFileError`` for a missing, corrupt or ill-fitting file; the model is untouched on any error.
+    ``AdapterFileError`` for a missing, corrupt or ill-fitting file; the model is untouched on any error
+    but a failing disk while the verified tables are copied in.
     """
-    directory = Path(path)
-    layout = read_layout(directory)
-    config = from_dict(EngramConfig, layout["engram"])
-    plan = plan_adapter(model, tokenizer, config, compression)
-    check_identity(layout["base_model"], plan.identity, f"adapter {directory}")
-    check_layout(layout["hash_layout"], plan.hasher.layout())
-    fusion = _read_safetensors(directory / FUSION_FILE)
-    _check_fusion(fusion, config, int(plan.base.config.hidden_size), directory / FUSION_FILE)
-    expected = {i: TableLayout(f"engram.{i}", plan.hasher.head_sizes(i), config.d_head, config.table_dtype,
-                               plan.hasher.layout()) for i in config.layers}
-    tables = read_tables(directory, layout["tables"], expected)
-    want = {i: (plan.hasher.total_rows(i), config.d_head, config.table_dtype) for i in config.layers}
-    got = {i: (int(t.shape[0]), int(t.shape[1]), str(t.dtype).removeprefix("torch.")) for i, t in tables.items()}
-    if got != want:
-        raise AdapterFileError(f"{directory}: tables (rows, width, dtype) {got} != this config's {want}")
+    info = read_layout(path)
+    plan = plan_adapter(model, tokenizer, info.config, compression)
+    saved = info.base
+    check_identity(saved, {k: v for k, v in plan.identity.items() if k in saved}, f"adapter {info.path}")
+    check_layout(info.hash_layout, plan.hasher.layout())
+    _check_fits(info, int(plan.base.config.hidden_size))
+    fusion = read_fusion(info)
     adapter = attach(plan)
-    _load_weights(adapter, fusion, tables)
+    with torch.no_grad():
+        for i, layer in adapter.layers.items():
+            layer.fusion.load_state_dict(fusion[i])
+            fill_table(layer.table.weight, info.table_file(i), table_layout(info.config, plan.hasher, i))
     return adapter
 
 
-__all__ = [
-    "ADAPTER_FILE",
-    "AdapterFileError",
-    "FUSION_FILE",
-    "load_adapter",
-    "read_layout",
-    "read_tables",
-    "save_adapter",
-    "write_tables",
-]
+__all__ = ["ADAPTER_FILE", "AdapterFileError", "FUSION_FILE", "load_adapter", "read_layout", "save_adapter"]

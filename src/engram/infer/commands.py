@@ -43,7 +43,7 @@ def cmd_eval(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     from engram.infer import evaluate_run
 
     res = evaluate_run(args.run, args.corpus, args.file, args.batches, args.batch_size, args.seq_len, args.cache_dir,
-                       _placement(args))
+                       _placement(args), args.compile)
     if args.json:
         print(json.dumps(res), file=out)
     else:
@@ -80,6 +80,7 @@ def add_infer_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seq-len", type=POS_INT, help="default: the run's training sequence length")
     e.add_argument("--cache-dir")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--compile", action="store_true", help="torch.compile each decoder block first")
     _add_tier_options(e)
     e.set_defaults(func=cmd_eval)
 

@@ -17,7 +17,7 @@ from engram.data.shards import TokenDataset, prepare_tokens, tokenize_documents,
 from engram.infer.run import load_run
 from engram.memory.store import Placement
 from engram.model import EngramLM
-from engram.runtime import autocast
+from engram.runtime import autocast, compile_blocks
 
 
 @torch.no_grad()
@@ -71,9 +71,9 @@ def read_text_file(path: str | Path) -> str:
 
 def evaluate_run(run: str | Path, corpus: str | None = None, file: str | Path | None = None, batches: int | None = 32,
                  batch_size: int = 8, seq_len: int | None = None, cache_dir: str | Path | None = None,
-                 placement: Placement | None = None) -> dict[str, Any]:
+                 placement: Placement | None = None, compile: bool = False) -> dict[str, Any]:
     """Loss and perplexity of a trained run on a corpus's held-out split or on a text file, its tables on
-    ``placement``'s tier (default: in memory)."""
+    ``placement``'s tier (default: in memory); ``compile``: torch.compile each block first."""
     if (corpus is None) == (file is None):
         raise ValueError("give exactly one of --corpus NAME or --file PATH")
     if batches is not None and batches < 1:
@@ -84,6 +84,8 @@ def evaluate_run(run: str | Path, corpus: str | None = None, file: str | Path | 
     text = read_text_file(file) if file is not None else None
     lr = load_run(run, placement=placement)
     T = seq_len or lr.config["train"]["seq_len"]
+    if compile:
+        compile_blocks(lr.model)
     if T > lr.model.cfg.max_seq_len:
         raise ValueError(f"sequence length {T} exceeds the model's context of {lr.model.cfg.max_seq_len} tokens")
     hash_fn = lr.model.hash if lr.model.hasher is not None else None

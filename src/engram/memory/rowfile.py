@@ -218,13 +218,18 @@ def read_header(path: str | os.PathLike) -> RowFileHeader:
 # -------------------------------------------------------------------------------------------- encoding
 
 
-def encode_rows(fmt: RowFormat, rows_NW: torch.Tensor, ids_N: np.ndarray) -> np.ndarray:
-    """fp32/bf16 rows -> records uint8 [N, C] (payload, scales, checksum)."""
+def encode_rows(fmt: RowFormat, rows_NW: torch.Tensor | QuantizedRows, ids_N: np.ndarray) -> np.ndarray:
+    """fp32/bf16 rows -> records uint8 [N, C] (payload, scales, checksum). Rows already quantized in this
+    format (``QuantizedRows``, e.g. DeepSeek-V4.1's fp8 rows with their own scales) are stored as they are."""
+    if isinstance(rows_NW, QuantizedRows):
+        if fmt.kind in _PLAIN or rows_NW.fmt != fmt.quant:
+            raise ValueError(f"quantized rows in format {rows_NW.fmt} cannot be stored as {fmt.kind} rows of width "
+                             f"{fmt.width}")
     if fmt.kind in _PLAIN:
         payload = rows_NW.to(_PLAIN[fmt.kind]).contiguous().view(torch.uint8).numpy()
         body = payload
     else:
-        q = quantize_rows(rows_NW, _QUANT[fmt.kind])
+        q = rows_NW if isinstance(rows_NW, QuantizedRows) else quantize_rows(rows_NW, _QUANT[fmt.kind])
         body = np.concatenate([q.payload.view(torch.uint8).numpy(),
                                q.scales.contiguous().view(torch.uint8).numpy().reshape(len(ids_N), -1)], axis=1)
     return np.concatenate([body, record_checksums(body, ids_N).view(np.uint8).reshape(-1, 4)], axis=1)
@@ -247,17 +252,21 @@ def decode_records(fmt: RowFormat, rec_NC: np.ndarray, dtype: torch.dtype) -> to
 def write_rowfile(
     path: str | os.PathLike,
     layout: TableLayout,
-    read_rows: Callable[[int, int], torch.Tensor],
+    read_rows: Callable[[int, int], torch.Tensor | QuantizedRows],
     kind: str,
     source: dict[str, Any] | None = None,
     chunk_rows: int = 1 << 16,
     progress: Callable[[int], None] | None = None,
+    data_digest: Any = None,
 ) -> RowFileHeader:
     """Write a table's rows as a row file, atomically (temp file, fsync, rename): on any failure the old
     file under ``path`` is untouched and nothing half-written carries its name.
 
-    ``read_rows(start, stop)`` returns rows [stop - start, W] (fp32 or bf16), so the table is streamed in
-    chunks and never held twice. ``source["weights_sha256"]`` is filled with the digest of those rows.
+    ``read_rows(start, stop)`` returns rows [stop - start, W] (fp32 or bf16, or ``QuantizedRows`` already
+    in an 8-bit ``kind``'s format, stored unchanged), so the table is streamed in chunks and never held
+    twice. ``source["weights_sha256"]`` is filled with the digest of those rows (of each quantized row, its
+    payload then its scales). ``data_digest`` (a hashlib object), when given, is fed every byte written
+    after the header, so a caller can record a checksum of the data without reading the file back.
     """
     fmt = RowFormat(kind, layout.d_head)
     hlen = len(json.dumps({"layout": layout.to_dict(), "format": fmt.describe(), "source": source or {},
@@ -272,10 +281,14 @@ def write_rowfile(
         for start in range(0, layout.num_rows, step):
             stop = min(start + step, layout.num_rows)
             rows = read_rows(start, stop)
-            if tuple(rows.shape) != (stop - start, layout.d_head):
-                raise ValueError(f"read_rows({start}, {stop}) returned shape {tuple(rows.shape)}")
-            digest.update(rows.contiguous().view(torch.uint8).numpy().tobytes())
-            f.write(_pages(fmt, encode_rows(fmt, rows, np.arange(start, stop))))
+            shape = tuple((rows.payload if isinstance(rows, QuantizedRows) else rows).shape)
+            if shape != (stop - start, layout.d_head):
+                raise ValueError(f"read_rows({start}, {stop}) returned shape {shape}")
+            digest.update(_row_bytes(rows).numpy().tobytes())
+            pages = _pages(fmt, encode_rows(fmt, rows, np.arange(start, stop)))
+            if data_digest is not None:
+                data_digest.update(pages)
+            f.write(pages)
             fault_point(f"rowfile.chunk:{path.name}")
             if progress is not None:
                 progress(stop - start)
@@ -283,6 +296,16 @@ def write_rowfile(
         f.seek(0)
         f.write(_encode_header(header))
     return header
+
+
+def _row_bytes(rows: torch.Tensor | QuantizedRows) -> torch.Tensor:
+    """The bytes the weights digest covers, row after row (so it does not depend on the chunking): the
+    values, or a quantized row's payload followed by its scales."""
+    if not isinstance(rows, QuantizedRows):
+        return rows.contiguous().view(torch.uint8)
+    n = rows.payload.shape[0]
+    return torch.cat([rows.payload.contiguous().view(torch.uint8).reshape(n, -1),
+                      rows.scales.contiguous().view(torch.uint8).reshape(n, -1)], dim=1)
 
 
 def _records_view(buf: np.ndarray, fmt: RowFormat, n_pages: int) -> np.ndarray:
@@ -375,6 +398,26 @@ class RowFileReader:
         self.stats.rows += len(uniq)
         self.stats.seconds += time.perf_counter() - t0
         return rows if np.array_equal(uniq, ids) else rows[torch.from_numpy(inv)]
+
+    def gather_quantized(self, ids_N: torch.Tensor | np.ndarray) -> QuantizedRows:
+        """Rows of an 8-bit file (fp8, int8) as stored: payload and scales, every record checked; for
+        copying rows elsewhere without a dequantize/quantize round trip."""
+        q = self.fmt.quant
+        if q is None:
+            raise RowFileError(f"{self.path}: rows are {self.fmt.kind}, not quantized")
+        ids = np.asarray(ids_N.cpu() if isinstance(ids_N, torch.Tensor) else ids_N, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.header.num_rows):
+            raise IndexError(f"rows outside row file {self.path} ({self.header.num_rows} rows)")
+        uniq, inv = np.unique(ids, return_inverse=True)
+        rec = self._read_records(uniq)
+        self._verify(rec, uniq)
+        body = torch.from_numpy(np.ascontiguousarray(rec[:, : self.fmt.payload_bytes + self.fmt.scale_bytes]))
+        if not np.array_equal(uniq, ids):
+            body = body[torch.from_numpy(inv)]
+        payload = body[:, : q.width].contiguous().view(q.payload_dtype)
+        scales = body[:, q.width :].contiguous().view(q.scale_dtype).reshape(len(body), q.scales_per_row)
+        self.stats.rows += len(uniq)
+        return QuantizedRows(payload, scales)
 
     def _verify(self, rec_UC: np.ndarray, uniq: np.ndarray) -> None:
         body = rec_UC[:, :-4]

@@ -119,6 +119,7 @@ class EngramTable(nn.Module):
 
     # --------------------------------------------------------------------------------------- lookup
 
+    @torch.compiler.disable  # sparse row gradients and host/disk stores stay eager under torch.compile
     def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
         return self.store.lookup(self.flat_ids(hash_ids), hash_ids.device, self.sparse)  # [..., H, Dh]
 

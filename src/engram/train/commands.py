@@ -44,6 +44,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "both; backbone: tables unclipped")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
                    help="compute dtype (default auto: bf16 where the CPU/GPU runs it fast, else fp32)")
+    p.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="torch.compile each decoder block (faster steps after a one-off compile)")
     p.add_argument("--eval-every", dest="eval_every", type=POS_INT)
     p.add_argument("--eval-batches", dest="eval_batches", type=POS_INT)
     p.add_argument("--ckpt-every", dest="ckpt_every", type=POS_INT)

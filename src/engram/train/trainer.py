@@ -53,7 +53,7 @@ from engram.checkpoint import CONFIG_FILE, latest_checkpoint, load_checkpoint, s
 from engram.infer.evaluate import evaluate
 from engram.infer.run import (CHECKPOINTS, COMPRESSION_FILE, LOSS_PNG, METRICS_FILE, RUN_CONFIG, TOKENIZER_FILE,
                               read_config_json)
-from engram.runtime import autocast
+from engram.runtime import autocast, compile_blocks
 from engram.train.metrics import JsonlWriter, plot_loss_curves, read_jsonl
 from engram.train.optim import TABLE_GROUP, EngramOptimizer, build_optimizers, clip_grad_groups_
 from engram.train.schedule import build_schedule
@@ -117,7 +117,8 @@ def run_config(model_cfg: ModelConfig, tcfg: TrainConfig, tok) -> dict[str, Any]
 # is compared by content, its fingerprint, not by the path it was given at), and the compute dtype, which
 # depends on the machine ("auto"; a run started in bf16 may continue in fp32 elsewhere: its state is fp32
 # either way, only bit-exactness across the switch is lost)
-_RESUMABLE_CHANGES = ("steps", "eval_every", "ckpt_every", "keep_checkpoints", "tokenizer", "loader_timeout", "dtype")
+_RESUMABLE_CHANGES = ("steps", "eval_every", "ckpt_every", "keep_checkpoints", "tokenizer", "loader_timeout", "dtype",
+                      "compile")
 # fields added with a default that differs from what runs did before: a saved config without one trained so
 _TRAIN_BEFORE = {"grad_clip_groups": "backbone"}
 
@@ -226,6 +227,8 @@ def _build_run(model_cfg: ModelConfig, tcfg: TrainConfig, run_dir: Path, cache_d
     if rt.distributed:  # every rank built the same tables (same seed): each keeps its rows
         shard_tables(model, rt.rank, rt.world_size, rt.table_group)
     model.to(rt.device)
+    if tcfg.compile:
+        compile_blocks(model)
     opt = build_optimizers(model, tcfg.lr, tcfg.weight_decay, (tcfg.beta1, tcfg.beta2), tcfg.table_lr_mult,
                            backbone=tcfg.backbone_optimizer)
     hash_fn = model.hash if model.hasher is not None else None
