@@ -7,8 +7,9 @@ or inconsistent shard set is refused; a rank killed with SIGKILL makes the other
 within the collective timeout, and the last checkpoint stays loadable.
 
 Tolerances: the ranks sum the same gradients in another order (per rank, then across ranks) than one
-process does, so floats agree to rounding: rows and moments within 1e-5 after 4 Adam steps, losses
-within 2e-5 relative over 8 training steps (measured differences are about 1e-7).
+process does, so floats agree to rounding: rows and moments within 1e-5 after 4 Adam steps; losses
+and gradient norms within 2e-5 relative over 8 training steps (measured: losses 1.4e-7, backbone
+gradient norms 1.2e-7, table gradient norms 1.0e-6; the test prints them).
 """
 
 import json
@@ -117,7 +118,9 @@ def assert_same_losses(got: list[dict], want: list[dict]) -> None:
         a = [r.get(key) for r in got]
         b = [r.get(key) for r in want]
         assert [x is None for x in a] == [x is None for x in b], key
-        assert [x for x in a if x is not None] == pytest.approx([x for x in b if x is not None], rel=LOSS_RTOL), key
+        a, b = [x for x in a if x is not None], [x for x in b if x is not None]
+        print(f"{key}: largest relative difference {max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)):.1e}")
+        assert a == pytest.approx(b, rel=LOSS_RTOL), key
 
 
 def test_two_processes_train_like_one(world2, reference):
