@@ -132,9 +132,11 @@ def test_finished_rows_free_their_slots(disk_model):
 def test_prefetched_disk_rows_give_the_same_tokens(disk_model):
     ref, disk = disk_model
     want = generate_batch(ref, PROMPTS, 10, temperature=0, batch_size=3).tokens
+    threads = torch.get_num_threads()
     with RowPrefetcher(disk) as pf:
         res = generate_batch(disk, PROMPTS, 10, temperature=0, batch_size=3, prefetcher=pf)
     assert res.tokens == want
+    assert torch.get_num_threads() == threads  # workers run single-threaded; the caller keeps its threads
     assert res.prefetch["submitted"] > 0 and res.prefetch["stall_s"] >= 0
     assert generate_batch(disk, PROMPTS, 10, temperature=0, batch_size=3).tokens == want  # without prefetch
 

@@ -7,7 +7,8 @@ preset that decodes at a usable speed on this CPU) with one Engram layer at bloc
 1. no Engram (the same backbone, its MoE as the allocation left it);
 2. Engram, table in memory (the device tier);
 3. table on the disk tier, with the background prefetcher and a hot-row cache (<= 10% of the table);
-4. disk tier, no prefetch, no cache (every step's rows read in the block).
+4. disk tier, no prefetch, no cache (every step's rows read in the block);
+3a, 3b: configuration 3 with only the cache or only the prefetcher, to show what each part costs or saves.
 
 Each disk configuration runs guest-cold (the table file dropped from this VM's page cache first, checked
 with mincore) and then warm. Reported: prefill and decode tokens/s, the penalty of 3 against 2 and 1,
@@ -102,6 +103,8 @@ def run(rows_per_head: int = 2_100_000, prompts: int = 8, prompt_len: int = 64, 
     for label, placement, prefetch in (
         ("3. disk + prefetch + cache", Placement("disk", bench_dir, cache_bytes=cache_bytes), True),
         ("4. disk, no prefetch, no cache", Placement("disk", bench_dir), False),
+        ("3a. disk + cache, no prefetch", Placement("disk", bench_dir, cache_bytes=cache_bytes), False),
+        ("3b. disk + prefetch, no cache", Placement("disk", bench_dir), True),
     ):
         model = build_model(cfg, placement=placement).eval()
         model.load_state_dict(dense, strict=False)
