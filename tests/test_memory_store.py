@@ -23,7 +23,8 @@ from engram import io as eio
 from engram.memory.layout import TableLayout, TableLayoutError
 from engram.memory.quant import dequantize_rows, quantize_rows
 from engram.memory.rowfile import PAGE, RowFileError, RowFileReader, RowFormat, read_header, write_rowfile
-from engram.memory.store import DiskStore, Placement, ReadOnlyTableError, TensorStore
+from engram.memory.placement import Placement
+from engram.memory.store import DiskStore, ReadOnlyTableError, TensorStore
 from engram.memory.table import EngramTable
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ from engram.infer import generate, generate_batch
 from engram.infer.prefetch import RowPrefetcher
 from engram.memory.cache import CachedStore
 from engram.memory.cache_policy import POLICIES as POLICY_TYPES
-from engram.memory.store import DiskStore, Placement, ReadOnlyTableError
+from engram.memory.placement import Placement
+from engram.memory.store import DiskStore, ReadOnlyTableError
 from engram.model import build_model
 from test_memory_store import make_table, write
 

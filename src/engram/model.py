@@ -38,7 +38,7 @@ from engram.layers.ffn import SwiGLU
 from engram.layers.hyper import HyperConnection, expand_streams, reduce_streams
 from engram.layers.moe import MoE
 from engram.layers.norms import RMSNorm
-from engram.memory.store import Placement
+from engram.memory.placement import Placement
 from engram.memory.table import EngramTable
 
 

@@ -20,7 +20,6 @@ cold in this guest.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from pathlib import Path
 
@@ -33,7 +32,8 @@ from engram.data.corpora import default_cache_dir
 from engram.infer.generate import generate_batch
 from engram.infer.prefetch import RowPrefetcher
 from engram.memory.rowfile import RowFileReader, read_header, write_rowfile
-from engram.memory.store import Placement, rowfile_name
+from engram.memory.placement import Placement
+from engram.memory.store import rowfile_name
 from engram.model import build_model
 from engram.report import format_table
 

@@ -161,12 +161,6 @@ class EngramAdapter:
         hash_ids = self.hasher.step(input_ids, state.hash_state, token_mask=mask_BT)
         return EngramInputs(hash_ids, self.slot, mask_BT, state)
 
-    def save(self, path) -> None:
-        """Write the adapter alone (see ``engram.hf.saving``)."""
-        from engram.hf.saving import save_adapter
-
-        save_adapter(self, path)
-
 
 # ------------------------------------------------------------------------------------------- hooks
 

@@ -11,7 +11,7 @@ from engram.argtypes import NONNEG_FLOAT, NONNEG_INT, POS_INT, UNIT_INTERVAL
 
 
 def _placement(args: argparse.Namespace):
-    from engram.memory.store import Placement
+    from engram.memory.placement import Placement
 
     if args.table_dir and args.table_tier != "disk":
         raise ValueError("--table-dir is for --table-tier disk")

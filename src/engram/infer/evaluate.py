@@ -15,7 +15,7 @@ from engram.data.corpora import Document, default_cache_dir, prepare
 from engram.data.loader import Batch, EvalLoader
 from engram.data.shards import TokenDataset, prepare_tokens, tokenize_documents, write_token_dataset
 from engram.infer.run import load_run
-from engram.memory.store import Placement
+from engram.memory.placement import Placement
 from engram.model import EngramLM
 from engram.runtime import autocast, compile_blocks
 

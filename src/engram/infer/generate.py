@@ -24,7 +24,7 @@ import torch
 from engram.data.bpe import eot_id
 from engram.infer.prefetch import RowPrefetcher
 from engram.infer.run import load_run
-from engram.memory.store import Placement
+from engram.memory.placement import Placement
 from engram.model import DecodeState, EngramLM
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from engram.checkpoint import latest_checkpoint, load_checkpoint
 from engram.config import ModelConfig, from_dict
-from engram.memory.store import Placement
+from engram.memory.placement import Placement
 from engram.model import EngramLM, build_model
 from engram.tokenizer import CompressionMap, load_tokenizer
 

@@ -20,7 +20,8 @@ from engram.data.loader import EvalLoader
 from engram.data.shards import prepare_tokens
 from engram.infer.run import LoadedRun, load_run
 from engram.memory.rowfile import ROW_FORMATS, RowFileReader, read_header, write_rowfile
-from engram.memory.store import Placement, rowfile_name
+from engram.memory.placement import Placement
+from engram.memory.store import rowfile_name
 from engram.runtime import autocast
 
 

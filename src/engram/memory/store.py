@@ -169,52 +169,10 @@ class DiskStore(RowStore):
 
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where a model's tables live: ``tier`` for every table; for "disk", ``directory`` holds one row file
-    per table (``rowfile_name``); ``io``/``threads``/``direct`` tune the disk reader. ``cache_bytes`` > 0
-    puts a hot-row cache of that many bytes per table in RAM in front of the disk tier (engram.memory.cache)
-    with replacement policy ``cache_policy`` (``cache_kw``: per table name, the policy's options, e.g.
-    ``{"engram.1": {"hot_ids": ...}}`` for "static")."""
-
-    tier: str = "device"
-    directory: Path | None = None
-    io: str = "mmap"
-    threads: int = 4
-    direct: bool = False
-    cache_bytes: int = 0
-    cache_policy: str = "lfu-aging"
-    cache_kw: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.tier not in TIERS:
-            raise ValueError(f"unknown table tier {self.tier!r}; valid tiers: {', '.join(TIERS)}")
-        if self.tier == "disk" and self.directory is None:
-            raise ValueError("the disk tier needs a table directory (export one with `engram tables export`)")
-        if self.cache_bytes and self.tier != "disk":
-            raise ValueError(f"a hot-row cache sits in front of the disk tier, not the {self.tier} tier")
-        if self.cache_bytes < 0:
-            raise ValueError(f"cache_bytes must be >= 0, got {self.cache_bytes}")
-
-    def apply(self, tables: dict[str, Any]) -> None:
-        """Place every table (an ``EngramTable`` by name); disk files are opened and checked here."""
-        for name, table in tables.items():
-            if self.tier == "disk":
-                table.place("disk", Path(self.directory) / rowfile_name(name), io=self.io, threads=self.threads,
-                            direct=self.direct)
-                if self.cache_bytes:
-                    from engram.memory.cache import CachedStore
-
-                    table.store = CachedStore(table.store, self.cache_bytes, self.cache_policy,
-                                              **self.cache_kw.get(name, {}))
-            else:
-                table.place(self.tier)
-
-
 def rowfile_name(table: str) -> str:
     """The row file of table ``table`` inside a table directory."""
     return f"{table}.rows"
 
 
-__all__ = ["DiskStore", "Placement", "ReadOnlyTableError", "RowStore", "StoreStats", "TIERS", "TensorStore",
+__all__ = ["DiskStore", "ReadOnlyTableError", "RowStore", "StoreStats", "TIERS", "TensorStore",
            "rowfile_name"]
