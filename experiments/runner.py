@@ -211,7 +211,7 @@ def run_one(plan: RunPlan, results: Path, runs: Path, cache_dir: Path | None = N
         "resumed_from_step": resumed_from,
         "machine": machine(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir.relative_to(Path(runs))),  # under the --runs root: no machine's paths in summaries
     }
     out = summary_dir(results, plan.size, plan.experiment) / f"{plan.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
