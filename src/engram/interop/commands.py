@@ -8,7 +8,7 @@ import json
 import sys
 from typing import TextIO
 
-from engram.argtypes import NONNEG_INT, POS_INT
+from engram.argtypes import NONNEG_INT, POS_FLOAT, POS_INT
 
 
 def _int_list(s: str) -> list[int]:
@@ -16,16 +16,6 @@ def _int_list(s: str) -> list[int]:
         return [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s}")
-    return v
 
 
 def _summary(path, out: TextIO) -> None:
@@ -96,7 +86,7 @@ def add_import_parsers(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--layers", type=_int_list, help="Engram layers to import (default: all found)")
     v.add_argument("--layout-layers", type=_int_list,
                    help="the hash layout's layer ids (default: config.json's engram_layer_ids, else 1,14)")
-    v.add_argument("--norm-eps", type=_positive_float, help="RMSNorm epsilon (default: config.json's, else 1e-20)")
+    v.add_argument("--norm-eps", type=POS_FLOAT, help="RMSNorm epsilon (default: config.json's, else 1e-20)")
     v.add_argument("--key-prefix", help="tensor name prefix with {layer} (default: found, '...layers.{layer}.engram.')")
     v.set_defaults(func=cmd_import_v41)
 
