@@ -80,8 +80,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.experiment == "memory":
         counts = memory_ngram_counts(args.size, args.seeds, args.tokens, args.dtype, args.results, args.runs, args.cache_dir)
     r = build_report(args.experiment, args.size, args.seeds, args.tokens, args.dtype, args.results, counts)
-    out = args.results / args.size / args.experiment
-    print(f"report: {out / 'report.md'} ({r['finished_runs']} of {r['planned_runs']} runs finished)")
+    print(f"report: {args.results / r['path']} ({r['finished_runs']} of {r['planned_runs']} runs finished)")
     for c in r["comparisons"]:
         if c["eval"] == SIZES[args.size].eval_sets[0][0]:
             from experiments.stats import describe

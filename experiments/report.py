@@ -2,7 +2,9 @@
 
 Writes RESULTS/SIZE/EXPERIMENT/report.md and report.json, plus rho.png (the rho experiment) or
 memory.png (the memory experiment). Uses only the summaries whose config hash matches the current plan,
-so a report never mixes runs of different configurations.
+so a report never mixes runs of different configurations. A token budget other than the size's default
+(``--tokens``) gets its own files, tagged with the budget (``report-800k.md``, ``rho-800k.png``), so
+reports of two budgets of one experiment sit side by side.
 """
 
 from __future__ import annotations
@@ -55,15 +57,25 @@ def build_report(
         "machines": sorted({json.dumps(s["machine"], sort_keys=True) for s in summaries.values()}),
         "variants": rows, "comparisons": comparisons, "ngram_counts": ngram_counts,
     }
+    tag = budget_tag(experiment, size, tokens)
+    report["tokens_override"] = tokens if tag else None
     out_dir = results / size / experiment
     out_dir.mkdir(parents=True, exist_ok=True)
     if summaries and spec.plot == "rho":
-        report["plot"] = str(plot_rho(spec, plans, summaries, sets, out_dir / "rho.png").name)
+        report["plot"] = str(plot_rho(spec, plans, summaries, sets, out_dir / f"rho{tag}.png").name)
     if summaries and spec.plot == "memory":
-        report["plot"] = str(plot_memory(spec, plans, summaries, sets, out_dir / "memory.png", ngram_counts).name)
-    atomic_write_json(out_dir / "report.json", report)
-    atomic_write(out_dir / "report.md", render_markdown(report, sets).encode())
+        report["plot"] = str(plot_memory(spec, plans, summaries, sets, out_dir / f"memory{tag}.png", ngram_counts).name)
+    report["path"] = str((out_dir / f"report{tag}.md").relative_to(results))
+    atomic_write_json(out_dir / f"report{tag}.json", report)
+    atomic_write(out_dir / f"report{tag}.md", render_markdown(report, sets).encode())
     return report
+
+
+def budget_tag(experiment: str, size: str, tokens: int | None) -> str:
+    """"" at the size's default token budget, else "-<tokens>" in thousands (``-800k``)."""
+    if tokens is None or tokens == SIZES[size].tokens[experiment]:
+        return ""
+    return f"-{tokens // 1000}k" if tokens % 1000 == 0 else f"-{tokens}"
 
 
 def _variant_row(variant: str, summaries: dict, sets: list[str]) -> dict:
@@ -79,7 +91,8 @@ def _variant_row(variant: str, summaries: dict, sets: list[str]) -> dict:
 def render_markdown(r: dict, sets: list[str]) -> str:
     lines = [f"# {r['title']} (size `{r['size']}`)", "",
              f"Command: `python -m experiments run {r['experiment']} "
-             f"{'--quick' if r['size'] == 'quick' else '--size ' + r['size']}`", "",
+             f"{'--quick' if r['size'] == 'quick' else '--size ' + r['size']}"
+             f"{' --tokens ' + str(r['tokens_override']) if r.get('tokens_override') else ''}`", "",
              f"Paper: {r['paper']}", ""]
     lines += [f"- {n}" for n in r["notes"]]
     lines += ["", f"Runs finished: {r['finished_runs']} of {r['planned_runs']}; {r['tokens_per_run'] / 1e6:.2f} M "
@@ -229,4 +242,4 @@ def _slots_per_order(summary: dict) -> int:
     return int(mem["table_sizes"][0]) * int(mem["heads"])
 
 
-__all__ = ["build_report", "plot_memory", "plot_rho", "render_markdown"]
+__all__ = ["budget_tag", "build_report", "plot_memory", "plot_rho", "render_markdown"]

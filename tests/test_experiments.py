@@ -181,6 +181,22 @@ def test_quick_experiment_end_to_end(mini_cache, tmp_path, capsys):
     assert res["skipped"] == [] and len(res["planned"]) == 6
 
 
+def test_a_report_of_another_budget_has_its_own_files(tmp_path):
+    """``--tokens`` is another configuration: its report is written beside the default budget's (tagged
+    with the budget, the command naming it), never over it."""
+    from experiments.report import budget_tag, build_report
+
+    assert budget_tag("rho", "xs", None) == budget_tag("rho", "xs", SIZES["xs"].tokens["rho"]) == ""
+    assert budget_tag("rho", "xs", 800_000) == "-800k" and budget_tag("rho", "xs", 12_345) == "-12345"
+    default = build_report("rho", "quick", dtype="fp32", results=tmp_path)
+    short = build_report("rho", "quick", tokens=2048, dtype="fp32", results=tmp_path)
+    assert default["path"] == "quick/rho/report.md" and short["path"] == "quick/rho/report-2048.md"
+    text = (tmp_path / short["path"]).read_text()
+    assert "--quick --tokens 2048`" in text and "0.00 M training tokens" in text
+    assert "--tokens" not in (tmp_path / default["path"]).read_text()
+    assert json.loads((tmp_path / "quick/rho/report-2048.json").read_text())["tokens_override"] == 2048
+
+
 def test_bad_experiment_arguments_are_named(capsys):
     from experiments.__main__ import main
 
