@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             res = run_experiment(args.experiment, args.size, args.seeds, args.tokens, args.dtype, args.results,
                                  args.runs, args.cache_dir, args.dry_run, args.progress, max_runs=args.max_runs)
-            print(f"{args.experiment}: trained {len(res['trained'])}, skipped {len(res['skipped'])} "
+            busy = f", {len(res['busy'])} being trained elsewhere" if res["busy"] else ""
+            print(f"{args.experiment}: trained {len(res['trained'])}, skipped {len(res['skipped'])}{busy} "
                   f"of {len(res['planned'])} runs")
             if args.dry_run:
                 return 0

@@ -11,6 +11,11 @@ Layout (``results`` is committed; ``runs`` holds checkpoints and is not):
 
 Runs go seed by seed (every variant of seed 0, then seed 1, ...), so a partial experiment always holds
 complete pairs for the comparisons.
+
+Several processes may run one experiment at once and share its runs: each run is claimed with an OS lock
+(``RUNS/SIZE/EXPERIMENT/.claims/NAME``) for as long as one process trains and evaluates it; the others skip
+it and take the next. On a few cores, two single-threaded processes (``OMP_NUM_THREADS=1``) train short
+runs faster together than one process with both threads (start-up and evaluation run side by side).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import TextIO
 
 from engram.config import ModelConfig, TrainConfig, to_dict
-from engram.io import atomic_write_json
+from engram.io import RunLock, RunLockedError, atomic_write_json
 
 from experiments.specs import SIZES, Experiment, Size, experiments, missing_fields
 
@@ -260,7 +265,7 @@ def run_experiment(
     plans, left_out = plan_experiment(experiment, size, seeds, tokens, dtype)
     for note in left_out:
         print(f"left out {note}", file=out)
-    trained, skipped = [], []
+    trained, skipped, busy = [], [], []
     for k, p in enumerate(plans, 1):
         head = f"[{k}/{len(plans)}] {experiment} {p.variant} seed {p.seed} ({p.name})"
         if find_summary(results, p) is not None:
@@ -273,14 +278,34 @@ def run_experiment(
         if dry_run:
             print(f"{head}: would train {p.train.steps} steps ({tokens_run / 1e6:.2f} M tokens, {p.train.dtype})", file=out)
             continue
+        claim = claim_run(p, runs)
+        if claim is None or find_summary(results, p) is not None:  # taken, or finished while we looked
+            busy.append(p.name)
+            print(f"{head}: being trained by another process, skipped", file=out, flush=True)
+            if claim is not None:
+                claim.release()
+            continue
         print(f"{head}: training {p.train.steps} steps ({tokens_run / 1e6:.2f} M tokens, {p.train.dtype})", file=out, flush=True)
-        s = run_one(p, results, runs, Path(cache_dir) if cache_dir else None, progress)
+        try:
+            s = run_one(p, results, runs, Path(cache_dir) if cache_dir else None, progress)
+        finally:
+            claim.release()
         losses = ", ".join(f"{c} {v['loss']:.4f}" for c, v in s["held_out"].items())
         print(f"{head}: held-out {losses} ({s['wall_seconds']['train']:.0f} s train, "
               f"{s['tokens_per_s']:,.0f} tokens/s)", file=out, flush=True)
         trained.append(p.name)
-    return {"planned": [p.name for p in plans], "trained": trained, "skipped": skipped, "left_out": left_out}
+    return {"planned": [p.name for p in plans], "trained": trained, "skipped": skipped, "busy": busy,
+            "left_out": left_out}
+
+
+def claim_run(plan: RunPlan, runs: Path) -> RunLock | None:
+    """The lock that makes this process the one training ``plan`` (held through its evaluation and
+    summary), or None when another live process holds it. The kernel drops it if the holder dies."""
+    try:
+        return RunLock(Path(runs) / plan.size / plan.experiment / ".claims" / plan.name).acquire()
+    except RunLockedError:
+        return None
 
 
 __all__ = ["RunPlan", "config_hash", "default_dtype", "find_summary", "load_summaries", "plan_experiment",
-           "run_experiment", "run_one", "summary_dir"]
+           "run_experiment", "run_one", "summary_dir", "claim_run"]

@@ -3,6 +3,7 @@ match a hand computation and scipy, and a `--quick` experiment runs end to end, 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -195,6 +196,35 @@ def test_a_report_of_another_budget_has_its_own_files(tmp_path):
     assert "--quick --tokens 2048`" in text and "0.00 M training tokens" in text
     assert "--tokens" not in (tmp_path / default["path"]).read_text()
     assert json.loads((tmp_path / "quick/rho/report-2048.json").read_text())["tokens_override"] == 2048
+
+
+def test_a_run_another_process_is_training_is_skipped(tmp_path):
+    """Two processes share an experiment: a run claimed by a live process is left to it (and counted),
+    and the claim dies with its holder, so the run is taken again afterwards."""
+    import subprocess
+
+    from experiments.runner import claim_run
+
+    plans, _ = plan_experiment("iso", "quick", dtype="fp32")
+    claims = tmp_path / "runs" / "quick" / "iso" / ".claims"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom engram.io import RunLock\n"
+         "[RunLock(d).acquire() for d in sys.argv[1:]]\nprint('held', flush=True)\ntime.sleep(120)",
+         *[str(claims / p.name) for p in plans]], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = io.StringIO()
+        res = run_experiment("iso", "quick", dtype="fp32", results=tmp_path / "results", runs=tmp_path / "runs",
+                             out=out)
+        assert res["trained"] == [] and res["busy"] == [p.name for p in plans]
+        assert "being trained by another process, skipped" in out.getvalue()
+        assert claim_run(plans[0], tmp_path / "runs") is None
+    finally:
+        holder.kill()
+        holder.wait()
+    claim = claim_run(plans[0], tmp_path / "runs")
+    assert claim is not None
+    claim.release()
 
 
 def test_bad_experiment_arguments_are_named(capsys):
