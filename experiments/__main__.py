@@ -4,6 +4,7 @@
     python -m experiments run NAME [--size xs]       train what is missing, then write the report
     python -m experiments report NAME [--size xs]    the report from the summaries alone (no training)
     python -m experiments run NAME --quick           a seconds-long smoke run (tiny model, `mini`, 2 seeds)
+    python -m experiments run NAME --jobs 2          two processes share the runs, one thread each
 
 NAME is iso, rho, memory or placement. ``--seeds``, ``--tokens`` and ``--dtype`` override the size's
 defaults (each changes the config hash, so the runs are new runs).
@@ -15,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.runner import REPO, default_dtype, plan_experiment, run_experiment
+from experiments.runner import REPO, default_dtype, plan_experiment, run_experiment, start_helpers, wait_helpers
 from experiments.specs import EXPERIMENT_NAMES, SIZES
 
 QUICK_RESULTS = REPO / "runs" / "experiments-quick" / "results"
@@ -41,7 +42,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
             s.add_argument("--dry-run", action="store_true", help="list what would be trained")
             s.add_argument("--progress", action="store_true", help="a progress bar per run")
             s.add_argument("--max-runs", type=int, help="train at most this many missing runs, then report")
+            s.add_argument("--jobs", type=int, default=1,
+                           help="processes sharing the runs, each with CPUs / JOBS threads (default 1)")
+            s.add_argument("--no-report", action="store_true", help="train only; write no report")
     args = p.parse_args(argv)
+    if getattr(args, "jobs", 1) < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.quick:
         args.size = "quick"
         args.results = args.results or str(QUICK_RESULTS)
@@ -60,17 +66,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             return _list(args)
         if args.command == "run":
-            res = run_experiment(args.experiment, args.size, args.seeds, args.tokens, args.dtype, args.results,
-                                 args.runs, args.cache_dir, args.dry_run, args.progress, max_runs=args.max_runs)
+            helpers = start_helpers(_helper_argv(argv), args.jobs) if args.jobs > 1 and not args.dry_run else []
+            try:
+                res = run_experiment(args.experiment, args.size, args.seeds, args.tokens, args.dtype, args.results,
+                                     args.runs, args.cache_dir, args.dry_run, args.progress, max_runs=args.max_runs)
+            finally:
+                failed = wait_helpers(helpers)
+            if failed:
+                raise ValueError(f"{len(failed)} of {len(helpers)} helper processes failed (exit codes {failed}); "
+                                 "their runs resume on the next `run`")
             busy = f", {len(res['busy'])} being trained elsewhere" if res["busy"] else ""
             print(f"{args.experiment}: trained {len(res['trained'])}, skipped {len(res['skipped'])}{busy} "
                   f"of {len(res['planned'])} runs")
-            if args.dry_run:
+            if args.dry_run or args.no_report:
                 return 0
         return _report(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"experiments: error: {e}", file=sys.stderr)
         return 2
+
+
+def _helper_argv(argv: list[str] | None) -> list[str]:
+    """This command line for a helper process: the same run, no helpers of its own, no report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--jobs":
+            skip = True
+        elif not a.startswith("--jobs="):
+            out.append(a)
+    return out + ["--no-report"]
 
 
 def _report(args: argparse.Namespace) -> int:

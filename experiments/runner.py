@@ -298,6 +298,23 @@ def run_experiment(
             "left_out": left_out}
 
 
+def start_helpers(argv: list[str], jobs: int) -> list[subprocess.Popen]:
+    """``jobs - 1`` helper processes running ``python -m experiments ARGV`` beside this one, the CPUs split
+    evenly between the ``jobs`` processes (this process's torch threads set here too). The runs are
+    shared through their claims (``claim_run``)."""
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return [subprocess.Popen([sys.executable, "-m", "experiments", *argv], env=env) for _ in range(jobs - 1)]
+
+
+def wait_helpers(helpers: list[subprocess.Popen]) -> list[int]:
+    """Wait for every helper; the non-zero exit codes (an empty list when all succeeded)."""
+    return [code for code in (h.wait() for h in helpers) if code != 0]
+
+
 def claim_run(plan: RunPlan, runs: Path) -> RunLock | None:
     """The lock that makes this process the one training ``plan`` (held through its evaluation and
     summary), or None when another live process holds it. The kernel drops it if the holder dies."""
@@ -308,4 +325,4 @@ def claim_run(plan: RunPlan, runs: Path) -> RunLock | None:
 
 
 __all__ = ["RunPlan", "config_hash", "default_dtype", "find_summary", "load_summaries", "plan_experiment",
-           "run_experiment", "run_one", "summary_dir", "claim_run"]
+           "run_experiment", "run_one", "start_helpers", "summary_dir", "wait_helpers", "claim_run"]

@@ -227,6 +227,28 @@ def test_a_run_another_process_is_training_is_skipped(tmp_path):
     claim.release()
 
 
+@pytest.mark.slow
+def test_jobs_share_an_experiment_between_processes(mini_cache, tmp_path, capsys, monkeypatch):
+    """``--jobs 2``: a helper process and this one train the runs between them, each once, each with
+    half the CPUs; then one report over all of them."""
+    import os
+
+    from experiments.__main__ import _helper_argv, main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the helper runs `python -m experiments`
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    argv = ["run", "iso", "--quick", "--dtype", "fp32", "--results", str(results), "--runs", str(runs),
+            "--cache-dir", str(mini_cache), "--jobs", "2"]
+    assert _helper_argv(argv) == [*argv[:-2], "--no-report"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    plans, _ = plan_experiment("iso", "quick", dtype="fp32")
+    threads = {json.loads(find_summary(results, p).read_text())["machine"]["threads"] for p in plans}
+    assert threads == {max(1, (os.cpu_count() or 1) // 2)}
+    assert "(6 of 6 runs finished)" in out
+    assert not list((results / "quick" / "iso" / "summaries").glob("*.tmp*"))
+
+
 def test_bad_experiment_arguments_are_named(capsys):
     from experiments.__main__ import main
 
