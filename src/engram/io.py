@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Literal, Union
+from typing import Any, BinaryIO, Callable, Iterator, Literal, Self, Union
 
 Payload = Union[bytes, bytearray, memoryview, str, Callable[[BinaryIO], Any]]
 
@@ -247,6 +247,36 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+# ---------------------------------------------------------------------------------------- file handle
+
+
+class FileHandle:
+    """Owner of one OS file descriptor (``self._fd``) for positioned reads: ``close`` is idempotent, the
+    object is a context manager, and a handle dropped unclosed is closed when collected. A subclass frees
+    what it holds beside the descriptor (threads, maps) in ``_close_extras``."""
+
+    _fd: int | None = None
+
+    def _close_extras(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._close_extras()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            self.close()
+
+
 # ------------------------------------------------------------------------------------------ run lock
 
 
@@ -302,6 +332,7 @@ __all__ = [
     "FAULTS_ENV",
     "Fault",
     "FaultPlan",
+    "FileHandle",
     "RecordingFile",
     "RunLock",
     "RunLockedError",

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from engram.io import atomic_open
+from engram.io import FileHandle, atomic_open
 
 # safetensors dtype names <-> torch dtypes (the ones Engram weights use, plus the common rest)
 DTYPES: dict[str, torch.dtype] = {
@@ -73,7 +73,7 @@ class ReadCounter:
         self.rows[name] = self.rows.get(name, 0) + rows
 
 
-class SafetensorsFile:
+class SafetensorsFile(FileHandle):
     """Header of one safetensors file and positioned reads of its tensors (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -143,21 +143,6 @@ class SafetensorsFile:
             got += n
         self.counter.add(e.name, rows, nbytes)
         return torch.frombuffer(buf, dtype=torch.uint8).view(e.dtype) if nbytes else torch.empty(0, dtype=e.dtype)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> "SafetensorsFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            self.close()
 
 
 # ---------------------------------------------------------------------------------------------- writer

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from engram.io import atomic_open, fault_point
+from engram.io import FileHandle, atomic_open, fault_point
 from engram.memory.layout import TableLayout
 from engram.memory.quant import QuantizedRows, RowQuant, dequantize_rows, quantize_rows
 
@@ -345,13 +345,16 @@ class ReadStats:
     seconds: float = 0.0
 
 
-class RowFileReader:
+class RowFileReader(FileHandle):
     """Checked, batched row reads from one row file (see the module docstring).
 
     ``io``: "pread" (positioned reads on ``threads`` threads; ``direct=True`` bypasses the page cache
     with O_DIRECT) or "mmap". ``expected``: the layout the caller's model needs; a file of another
     layout (head sizes, row width, hash layout) is refused at open, naming the differing fields.
     """
+
+    _pool: ThreadPoolExecutor | None = None
+    _mm: mmap.mmap | None = None
 
     def __init__(self, path: str | os.PathLike, expected: TableLayout | None = None, io: str = "pread",
                  threads: int = 4, direct: bool = False) -> None:
@@ -500,26 +503,13 @@ class RowFileReader:
             stop = min(start + chunk_rows, self.header.num_rows)
             yield start, self.gather(np.arange(start, stop), dtype)
 
-    def close(self) -> None:
+    def _close_extras(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
         if self._mm is not None:
             self._mm.close()
             self._mm = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> "RowFileReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            self.close()
 
 
 __all__ = ["PAGE", "ROW_FORMATS", "ReadStats", "RowFileError", "RowFileHeader", "RowFileReader", "RowFormat",
