@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from engram.argtypes import POS_INT, drop_option
+
 from experiments.runner import REPO, default_dtype, plan_experiment, run_experiment, start_helpers, wait_helpers
 from experiments.specs import EXPERIMENT_NAMES, SIZES
 
@@ -42,12 +44,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
             s.add_argument("--dry-run", action="store_true", help="list what would be trained")
             s.add_argument("--progress", action="store_true", help="a progress bar per run")
             s.add_argument("--max-runs", type=int, help="train at most this many missing runs, then report")
-            s.add_argument("--jobs", type=int, default=1,
+            s.add_argument("--jobs", type=POS_INT, default=1,
                            help="processes sharing the runs, each with CPUs / JOBS threads (default 1)")
             s.add_argument("--no-report", action="store_true", help="train only; write no report")
     args = p.parse_args(argv)
-    if getattr(args, "jobs", 1) < 1:
-        p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.quick:
         args.size = "quick"
         args.results = args.results or str(QUICK_RESULTS)
@@ -88,16 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _helper_argv(argv: list[str] | None) -> list[str]:
     """This command line for a helper process: the same run, no helpers of its own, no report."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--jobs":
-            skip = True
-        elif not a.startswith("--jobs="):
-            out.append(a)
-    return out + ["--no-report"]
+    return drop_option(sys.argv[1:] if argv is None else argv, "--jobs") + ["--no-report"]
 
 
 def _report(args: argparse.Namespace) -> int:

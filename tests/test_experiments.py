@@ -261,3 +261,6 @@ def test_bad_experiment_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         main(["run", "nope"])
     assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "iso", "--jobs", "0"])
+    assert "argument --jobs: must be >= 1, got 0" in capsys.readouterr().err

@@ -15,18 +15,12 @@ import subprocess
 import sys
 from typing import Sequence
 
+from engram.argtypes import drop_option
+
 
 def worker_argv(argv: Sequence[str]) -> list[str]:
     """``argv`` without ``--nproc N`` / ``--nproc=N`` (the workers are the job, not launchers)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
+    return drop_option(argv, "--nproc")
 
 
 def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:
