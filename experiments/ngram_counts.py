@@ -3,7 +3,8 @@
 Counted on compressed token ids (what Engram and OverEncoding hash), n-grams inside one document, for
 each order the models use, over (a) the whole training split and (b) the tokens one run actually
 trains on (seed 0's batches; other seeds see a different sample of the same size). The counts are kept
-in RESULTS/SIZE/memory/ngram_counts.json, so the report is rebuilt from committed files alone.
+in RESULTS/SIZE/memory/ngram_counts.json (``ngram_counts-400k.json`` for a ``--tokens`` budget, as the
+reports), so the report is rebuilt from committed files alone.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from engram.io import atomic_write_json
 
+from experiments.report import budget_tag
 from experiments.runner import plan_experiment
 from experiments.specs import SIZES
 
@@ -22,7 +24,7 @@ from experiments.specs import SIZES
 def memory_ngram_counts(size: str, seeds, tokens, dtype, results: Path, runs: Path, cache_dir) -> dict | None:
     """The counts (from the committed file, else computed from a finished run's tokenizer; None if
     no run has started yet)."""
-    path = Path(results) / size / "memory" / "ngram_counts.json"
+    path = Path(results) / size / "memory" / f"ngram_counts{budget_tag('memory', size, tokens)}.json"
     plans, _ = plan_experiment("memory", size, seeds, tokens, dtype)
     steps = plans[0].train.steps
     if path.is_file():

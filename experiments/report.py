@@ -218,6 +218,7 @@ def plot_memory(spec, plans: list[RunPlan], summaries: dict, sets: list[str], pa
                 m, _ = mean_sd(base)
                 ax.axhline(m, color="0.4", ls="--", lw=1, label="backbone (no memory)")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels of a short log axis overlap
             ax.set_ylabel(f"held-out loss ({c})")
             ax.grid(alpha=0.3, which="both")
         row[0].set_xlabel("table parameters (equal memory at equal x)")
