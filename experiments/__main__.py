@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engram.argtypes import POS_INT, drop_option
 
-from experiments.runner import REPO, default_dtype, plan_experiment, run_experiment, start_helpers, wait_helpers
+from experiments.runner import REPO, default_dtype, plan_experiment, run_experiment, start_workers, wait_workers
 from experiments.specs import EXPERIMENT_NAMES, SIZES
 
 QUICK_RESULTS = REPO / "runs" / "experiments-quick" / "results"
@@ -66,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             return _list(args)
         if args.command == "run":
-            helpers = start_helpers(_helper_argv(argv), args.jobs) if args.jobs > 1 and not args.dry_run else []
+            workers = start_workers(_worker_argv(argv), args.jobs) if args.jobs > 1 and not args.dry_run else []
             try:
                 res = run_experiment(args.experiment, args.size, args.seeds, args.tokens, args.dtype, args.results,
                                      args.runs, args.cache_dir, args.dry_run, args.progress, max_runs=args.max_runs)
             finally:
-                failed = wait_helpers(helpers)
+                failed = wait_workers(workers)
             if failed:
-                raise ValueError(f"{len(failed)} of {len(helpers)} helper processes failed (exit codes {failed}); "
+                raise ValueError(f"{len(failed)} of {len(workers)} worker processes failed (exit codes {failed}); "
                                  "their runs resume on the next `run`")
             busy = f", {len(res['busy'])} being trained elsewhere" if res["busy"] else ""
             print(f"{args.experiment}: trained {len(res['trained'])}, skipped {len(res['skipped'])}{busy} "
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _helper_argv(argv: list[str] | None) -> list[str]:
-    """This command line for a helper process: the same run, no helpers of its own, no report."""
+def _worker_argv(argv: list[str] | None) -> list[str]:
+    """This command line for a worker process: the same run, no workers of its own, no report."""
     return drop_option(sys.argv[1:] if argv is None else argv, "--jobs") + ["--no-report"]
 
 

@@ -298,8 +298,8 @@ def run_experiment(
             "left_out": left_out}
 
 
-def start_helpers(argv: list[str], jobs: int) -> list[subprocess.Popen]:
-    """``jobs - 1`` helper processes running ``python -m experiments ARGV`` beside this one, the CPUs split
+def start_workers(argv: list[str], jobs: int) -> list[subprocess.Popen]:
+    """``jobs - 1`` worker processes running ``python -m experiments ARGV`` beside this one, the CPUs split
     evenly between the ``jobs`` processes (this process's torch threads set here too). The runs are
     shared through their claims (``claim_run``)."""
     import torch
@@ -310,9 +310,9 @@ def start_helpers(argv: list[str], jobs: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-m", "experiments", *argv], env=env) for _ in range(jobs - 1)]
 
 
-def wait_helpers(helpers: list[subprocess.Popen]) -> list[int]:
-    """Wait for every helper; the non-zero exit codes (an empty list when all succeeded)."""
-    return [code for code in (h.wait() for h in helpers) if code != 0]
+def wait_workers(workers: list[subprocess.Popen]) -> list[int]:
+    """Wait for every worker; the non-zero exit codes (an empty list when all succeeded)."""
+    return [code for code in (h.wait() for h in workers) if code != 0]
 
 
 def claim_run(plan: RunPlan, runs: Path) -> RunLock | None:
@@ -325,4 +325,4 @@ def claim_run(plan: RunPlan, runs: Path) -> RunLock | None:
 
 
 __all__ = ["RunPlan", "config_hash", "default_dtype", "find_summary", "load_summaries", "plan_experiment",
-           "run_experiment", "run_one", "start_helpers", "summary_dir", "wait_helpers", "claim_run"]
+           "run_experiment", "run_one", "start_workers", "summary_dir", "wait_workers", "claim_run"]

@@ -229,17 +229,17 @@ def test_a_run_another_process_is_training_is_skipped(tmp_path):
 
 @pytest.mark.slow
 def test_jobs_share_an_experiment_between_processes(mini_cache, tmp_path, capsys, monkeypatch):
-    """``--jobs 2``: a helper process and this one train the runs between them, each once, each with
+    """``--jobs 2``: a worker process and this one train the runs between them, each once, each with
     half the CPUs; then one report over all of them."""
     import os
 
-    from experiments.__main__ import _helper_argv, main
+    from experiments.__main__ import _worker_argv, main
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the helper runs `python -m experiments`
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the worker runs `python -m experiments`
     results, runs = tmp_path / "results", tmp_path / "runs"
     argv = ["run", "iso", "--quick", "--dtype", "fp32", "--results", str(results), "--runs", str(runs),
             "--cache-dir", str(mini_cache), "--jobs", "2"]
-    assert _helper_argv(argv) == [*argv[:-2], "--no-report"]
+    assert _worker_argv(argv) == [*argv[:-2], "--no-report"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     plans, _ = plan_experiment("iso", "quick", dtype="fp32")
