@@ -14,8 +14,8 @@ complete pairs for the comparisons.
 
 Several processes may run one experiment at once and share its runs: each run is claimed with an OS lock
 (``RUNS/SIZE/EXPERIMENT/.claims/NAME``) for as long as one process trains and evaluates it; the others skip
-it and take the next. On a few cores, two single-threaded processes (``OMP_NUM_THREADS=1``) train short
-runs faster together than one process with both threads (start-up and evaluation run side by side).
+it and take the next. Whether two one-thread processes beat one two-thread process depends on the model
+(docs/experiments.md has the figures: Engram runs gain, dense runs lose).
 """
 
 from __future__ import annotations
@@ -279,11 +279,14 @@ def run_experiment(
             print(f"{head}: would train {p.train.steps} steps ({tokens_run / 1e6:.2f} M tokens, {p.train.dtype})", file=out)
             continue
         claim = claim_run(p, runs)
-        if claim is None or find_summary(results, p) is not None:  # taken, or finished while we looked
+        if claim is None:
             busy.append(p.name)
             print(f"{head}: being trained by another process, skipped", file=out, flush=True)
-            if claim is not None:
-                claim.release()
+            continue
+        if find_summary(results, p) is not None:  # another process finished it while we looked
+            claim.release()
+            skipped.append(p.name)
+            print(f"{head}: summary exists, skipped", file=out)
             continue
         print(f"{head}: training {p.train.steps} steps ({tokens_run / 1e6:.2f} M tokens, {p.train.dtype})", file=out, flush=True)
         try:
